@@ -1,0 +1,44 @@
+"""musco: multi-stage compression of PyTorch models by tensor decomposition.
+
+``import musco_core as musco`` gives the whole public API: the spec classes,
+the :class:`Compressor`, the plugin base classes and the hook marker.
+"""
+
+import pluggy
+
+#: Marker for hook implementations: ``@musco_core.hookimpl``.
+hookimpl = pluggy.HookimplMarker("musco")
+
+from musco_core.errors import (  # noqa: E402
+    CompressionError,
+    MuscoError,
+    PluginError,
+    SpecError,
+    UnsupportedLayerError,
+)
+from musco_core.stats import LayerStats  # noqa: E402
+from musco_core.strategies import (  # noqa: E402
+    Decomposition,
+    Layer,
+    Matcher,
+    NoParams,
+    Rank,
+    RankSelector,
+    Strategy,
+    relative_error,
+)
+from musco_core.registry import Registry, available, default_registry  # noqa: E402
+from musco_core.spec import Decompose, Match, RankRule, Rule, Spec  # noqa: E402
+from musco_core.report import LayerReport, StepReport  # noqa: E402
+from musco_core.plan import Plan, PlanEntry  # noqa: E402
+from musco_core.engine import Compressor  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionError", "Compressor", "Decompose", "Decomposition", "Layer", "LayerReport",
+    "LayerStats", "Match", "Matcher", "MuscoError", "NoParams", "Plan", "PlanEntry",
+    "PluginError", "Rank", "RankRule", "RankSelector", "Registry", "Rule", "Spec", "SpecError",
+    "StepReport", "Strategy", "UnsupportedLayerError", "available", "default_registry",
+    "hookimpl", "relative_error",
+]

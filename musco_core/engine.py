@@ -1,0 +1,187 @@
+"""The staged compression engine: a few layers per step, fine-tuning in between."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from typing import Any
+
+from torch import nn
+
+from musco_core.errors import CompressionError
+from musco_core.plan import Plan, ResolvedRule, build_plan, candidate_layers, resolve_rules
+from musco_core.registry import Registry, default_registry
+from musco_core.report import LayerReport, StepReport
+from musco_core.spec import Spec
+from musco_core.stats import LayerStats, collect_stats, param_count, probe_module
+from musco_core.strategies import Layer
+from musco_core.surgery import replace_modules
+
+
+class Compressor:
+    """Compresses the layers a :class:`Spec` selects, ``layers_per_step`` layers per :meth:`step`.
+
+    ::
+
+        compressor = musco.Compressor(model, spec, example_inputs=torch.randn(1, 3, 32, 32))
+        while not compressor.done:
+            report = compressor.step()
+            fine_tune(compressor.model)
+
+    :param model: the trained model. By default it is deep-copied and the copy is
+        compressed (``compressor.model``); with ``inplace=True`` ``model`` itself is
+        changed.
+    :param spec: a :class:`Spec`. It is checked against the registry and the model
+        before anything is compressed; problems raise :class:`SpecError`.
+    :param example_inputs: inputs for one forward pass that records each layer's
+        shapes and FLOPs: a tensor, a tuple of positional arguments or a dict of
+        keyword arguments. Layers are measured on them, so use the batch size you
+        want FLOPs reported for.
+    :param progress: show a progress bar per step; ``None`` shows it when stderr
+        is a terminal.
+    :param registry: the strategy registry; the default one loads the ``musco``
+        entry points.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: Spec,
+        example_inputs: Any,
+        *,
+        inplace: bool = False,
+        progress: bool | None = None,
+        registry: Registry | None = None,
+    ):
+        if not isinstance(spec, Spec):
+            raise TypeError(f"spec must be a musco.Spec, got {type(spec).__name__}")
+        self.registry = registry or default_registry()
+        self.spec = spec
+        self.rules: tuple[ResolvedRule, ...] = resolve_rules(spec, self.registry)
+        self.model = model if inplace else copy.deepcopy(model)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.stats: dict[str, LayerStats] = collect_stats(
+            self.model, example_inputs, candidate_layers(self.model)
+        )
+        self.plan: Plan = build_plan(self.model, spec, self.rules, self.stats)
+        self.position = 0
+        self.reports: list[StepReport] = []
+
+    @property
+    def done(self) -> bool:
+        """Whether every step of the plan has run."""
+        return self.position >= len(self.plan.steps)
+
+    @property
+    def hook(self):
+        return self.registry.pm.hook
+
+    def step(self) -> StepReport:
+        """Compress the next ``layers_per_step`` layers of the plan; mutates :attr:`model`.
+
+        The step is atomic: the new modules are all built before any is swapped
+        in, so if a layer fails (a plugin raises, a shape check fails) the model
+        is exactly as it was and :class:`CompressionError` names the layer and
+        the strategy. Layers whose rank rule chooses not to compress them, or
+        whose rank would not make them smaller, are reported as skipped.
+        """
+        if self.done:
+            raise RuntimeError(
+                f"compression is done: all {len(self.plan.steps)} steps have run "
+                "(check compressor.done before calling step())"
+            )
+        index = self.position
+        work = self.plan.steps[index]
+        self.hook.musco_step_started(compressor=self, step=index, layers=[n for _, n in work])
+        started = time.perf_counter()
+        try:
+            built: dict[str, nn.Module] = {}
+            reports = []
+            for rnd, name in self._progress(work, index):
+                new, report = self._compress_layer(rnd, name)
+                reports.append(report)
+                if new is not None:
+                    built[name] = new
+            replace_modules(self.model, built)
+        except BaseException as exc:
+            self.hook.musco_step_failed(compressor=self, step=index, error=exc)
+            raise
+        for name, new in built.items():
+            old = self.stats[name]
+            flops, _ = probe_module(new, old.input_shape)
+            self.stats[name] = LayerStats(old.input_shape, old.output_shape, param_count(new),
+                                          flops * old.calls, old.calls)
+        self.position += 1
+        report = StepReport(step=index, layers=tuple(reports),
+                            seconds=time.perf_counter() - started)
+        self.reports.append(report)
+        self.hook.musco_step_finished(compressor=self, step=index, report=report)
+        return report
+
+    def _progress(self, work, index):
+        if not self.progress or len(work) < 2:
+            return work
+        from tqdm.auto import tqdm
+
+        return tqdm(work, desc=f"musco step {index}", unit="layer", leave=False)
+
+    def _compress_layer(self, rnd: int, name: str) -> tuple[nn.Module | None, LayerReport]:
+        entry = self.plan.entry(name)
+        rule = self.rules[entry.rule]
+        decomposition = rule.decomposition.strategy
+        module = self.model.get_submodule(name)
+        stats = self.stats[name]
+        started = time.perf_counter()
+        base = {"name": name, "round": rnd, "decomposition": rule.decomposition.name,
+                "rank_rule": rule.rank.name, "params_before": stats.params,
+                "flops_before": stats.flops}
+
+        def fail(what: str, exc: BaseException | None, strategy: str) -> CompressionError:
+            detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+            return CompressionError(
+                f"layer {name!r} (round {rnd}): {what}{detail}; the model is unchanged",
+                layer=name, strategy=strategy,
+            )
+
+        rank_label = f"rank rule {rule.rank.name!r}"
+        dec_label = f"decomposition {rule.decomposition.name!r}"
+        try:
+            decomposition.check(name, module)
+        except Exception as exc:
+            raise fail(f"{dec_label} cannot handle it", exc, dec_label) from exc
+        try:
+            rank = rule.rank.strategy.select(Layer(name, module, stats, rnd), decomposition,
+                                             rule.rank.params)
+        except Exception as exc:
+            raise fail(f"{rank_label} failed", exc, rank_label) from exc
+        if rank is None:
+            return None, LayerReport(status="skipped", reason="rank rule left it uncompressed",
+                                     params_after=stats.params, flops_after=stats.flops, **base)
+        message = decomposition.validate_rank(module, rank)
+        if message:
+            raise fail(f"{rank_label} chose an invalid rank: {message}", None, rank_label)
+        params_after = decomposition.param_count(module, rank)
+        if params_after >= stats.params:
+            return None, LayerReport(
+                status="skipped", rank=rank, params_after=stats.params, flops_after=stats.flops,
+                reason=f"rank {rank} would not shrink it ({params_after} >= {stats.params} params)",
+                **base,
+            )
+        try:
+            new, error = decomposition.compress(module, rank, rule.decomposition.params)
+        except Exception as exc:
+            raise fail(f"{dec_label} failed at rank {rank!r}", exc, dec_label) from exc
+        try:
+            flops, out_shape = probe_module(new, stats.input_shape)
+        except Exception as exc:
+            raise fail(f"the module built by {dec_label} does not run", exc, dec_label) from exc
+        if out_shape != stats.output_shape:
+            raise fail(
+                f"shape check failed: the module built by {dec_label} gives output shape "
+                f"{out_shape}, expected {stats.output_shape}", None, dec_label)
+        return new, LayerReport(
+            status="compressed", rank=rank, params_after=param_count(new),
+            flops_after=flops * stats.calls, rel_error=error,
+            seconds=time.perf_counter() - started, **base,
+        )

@@ -1,0 +1,42 @@
+"""The exceptions musco raises."""
+
+from __future__ import annotations
+
+
+class MuscoError(Exception):
+    """Base class of musco's own errors."""
+
+
+class SpecError(MuscoError, ValueError):
+    """A spec is invalid. ``problems`` lists every problem, each starting with its path."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems in the spec:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(message)
+
+
+class UnsupportedLayerError(MuscoError, ValueError):
+    """A decomposition was asked to handle a layer it cannot factorize."""
+
+
+class CompressionError(MuscoError, RuntimeError):
+    """A step failed; the model was left exactly as it was before the step.
+
+    ``layer`` is the dotted name of the failing layer and ``strategy`` the
+    strategy that failed (``"decomposition 'svd'"``, ``"rank rule 'fixed'"``).
+    """
+
+    def __init__(self, message: str, *, layer: str | None = None, strategy: str | None = None):
+        super().__init__(message)
+        self.layer = layer
+        self.strategy = strategy
+
+
+class PluginError(MuscoError, RuntimeError):
+    """A plugin could not be loaded or registered something invalid."""

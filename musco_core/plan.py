@@ -1,0 +1,236 @@
+"""Resolving a spec against the registry and a model: which layer gets what, in which step."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from torch import nn
+
+from musco_core.errors import SpecError, UnsupportedLayerError
+from musco_core.registry import Registry, default_registry
+from musco_core.spec import Match, Spec, _Ref, format_params_error, structure_params
+from musco_core.stats import LayerStats
+from musco_core.strategies import Decomposition, Layer, Matcher, RankSelector, Strategy
+
+
+@attrs.frozen
+class Bound:
+    """A strategy from the registry with its parameters structured into its ``Params``."""
+
+    name: str
+    strategy: Strategy
+    params: Any
+
+
+@attrs.frozen
+class ResolvedRule:
+    index: int
+    matchers: tuple[Bound | Callable[[str, nn.Module], bool], ...]
+    decomposition: Bound
+    rank: Bound
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        for m in self.matchers:
+            if isinstance(m, Bound):
+                assert isinstance(m.strategy, Matcher)
+                if m.strategy.matches(name, module, m.params):
+                    return True
+            elif m(name, module):
+                return True
+        return False
+
+
+def _bind(registry: Registry, kind: str, ref: _Ref, path: str, problems: list[str]) -> Bound | None:
+    try:
+        entry = registry.get(kind, ref.name)
+    except KeyError as exc:
+        problems.append(f"{exc.args[0]} @ {path}")
+        return None
+    try:
+        params = structure_params(ref.params, entry.strategy.Params)
+    except Exception as exc:  # cattrs and attrs validators raise several types
+        problems.extend(format_params_error(exc, path))
+        return None
+    return Bound(name=entry.name, strategy=entry.strategy, params=params)
+
+
+def resolve_rules(spec: Spec, registry: Registry | None = None) -> tuple[ResolvedRule, ...]:
+    """Look up every strategy of ``spec`` and structure its parameters.
+
+    Raises :class:`SpecError` listing every problem with its path in the spec.
+    """
+    registry = registry or default_registry()
+    problems: list[str] = []
+    resolved = []
+    for i, rule in enumerate(spec.rules):
+        base = f"$.rules[{i}]"
+        matchers: list[Any] = []
+        for j, m in enumerate(rule.match):
+            if isinstance(m, Match):
+                matchers.append(_bind(registry, "matchers", m, f"{base}.match[{j}]", problems))
+            else:
+                matchers.append(m)
+        decomposition = _bind(registry, "decompositions", rule.decomposition,
+                              f"{base}.decomposition", problems)
+        rank = _bind(registry, "rank_rules", rule.rank, f"{base}.rank", problems)
+        if decomposition and rank and all(m is not None for m in matchers):
+            resolved.append(ResolvedRule(i, tuple(matchers), decomposition, rank))
+    if problems:
+        raise SpecError(problems)
+    return tuple(resolved)
+
+
+@attrs.frozen
+class PlanEntry:
+    """One layer of the model and what the plan does with it.
+
+    ``status`` is ``"compress"``, ``"excluded"`` (by ``Spec.exclude``) or
+    ``"unmatched"`` (no rule matched it).
+    """
+
+    name: str
+    type: str
+    status: str
+    rule: int | None = None
+    decomposition: str | None = None
+    rank_rule: str | None = None
+    reason: str = ""
+
+
+@attrs.frozen
+class Plan:
+    """Every parameterised leaf layer with its fate, and the steps: tuples of (round, layer)."""
+
+    entries: tuple[PlanEntry, ...]
+    steps: tuple[tuple[tuple[int, str], ...], ...]
+
+    def entry(self, name: str) -> PlanEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the layers that will be compressed, in order."""
+        return tuple(e.name for e in self.entries if e.status == "compress")
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.layers)} layer(s) to compress in {len(self.steps)} step(s)"]
+        for i, step in enumerate(self.steps):
+            lines.append(f"  step {i}: " + ", ".join(f"{n} (round {r})" for r, n in step))
+        for e in self.entries:
+            if e.status == "compress":
+                what = f"rule {e.rule}: {e.decomposition} / {e.rank_rule}"
+            else:
+                what = f"{e.status}" + (f" ({e.reason})" if e.reason else "")
+            lines.append(f"  {e.name:<40} {e.type:<16} {what}")
+        return "\n".join(lines)
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Leaf-most layers that own parameters, by dotted name, in model order."""
+    out = {}
+    for name, module in model.named_modules():
+        if name and any(True for _ in module.parameters(recurse=False)):
+            out[name] = module
+    return out
+
+
+def _excluded_by(name: str, patterns: tuple[str, ...]) -> str | None:
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+            return pattern
+    return None
+
+
+def build_plan(
+    model: nn.Module,
+    spec: Spec,
+    rules: tuple[ResolvedRule, ...],
+    stats: Mapping[str, LayerStats],
+) -> Plan:
+    """Decide the fate of every layer and check each chosen layer; raise :class:`SpecError`.
+
+    Checks, before any layer is touched: exclude patterns that match nothing,
+    decompositions asked to handle a layer they do not support, rank-rule
+    parameters that name layers the rule does not match, and the rank each rule
+    would choose now (valid for the layer's shape).
+    """
+    problems: list[str] = []
+    layers = candidate_layers(model)
+    all_names = [n for n, _ in model.named_modules() if n]
+    for i, pattern in enumerate(spec.exclude):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
+            problems.append(f"exclude pattern {pattern!r} matches no layer of the model @ $.exclude[{i}]")
+
+    entries: list[PlanEntry] = []
+    by_rule: dict[int, list[Layer]] = {r.index: [] for r in rules}
+    for name, module in layers.items():
+        kind = type(module).__name__
+        pattern = _excluded_by(name, spec.exclude)
+        if pattern is not None:
+            entries.append(PlanEntry(name, kind, "excluded", reason=f"matches {pattern!r}"))
+            continue
+        rule = next((r for r in rules if r.matches(name, module)), None)
+        if rule is None:
+            entries.append(PlanEntry(name, kind, "unmatched", reason="no rule matches"))
+            continue
+        decomposition = rule.decomposition.strategy
+        assert isinstance(decomposition, Decomposition)
+        try:
+            decomposition.check(name, module)
+        except UnsupportedLayerError as exc:
+            problems.append(f"{exc} @ $.rules[{rule.index}].decomposition")
+            continue
+        if name not in stats:
+            problems.append(
+                f"layer {name!r} (matched by rule {rule.index}) did not run in the forward pass "
+                f"of example_inputs, so its shapes and FLOPs are unknown; exclude it or pass "
+                f"inputs that reach it @ $.rules[{rule.index}].match"
+            )
+            continue
+        entries.append(PlanEntry(name, kind, "compress", rule=rule.index,
+                                 decomposition=rule.decomposition.name, rank_rule=rule.rank.name))
+        by_rule[rule.index].append(Layer(name, module, stats[name]))
+
+    for rule in rules:
+        selector = rule.rank.strategy
+        assert isinstance(selector, RankSelector)
+        path = f"$.rules[{rule.index}].rank"
+        problems.extend(f"{p} @ {path}" for p in selector.problems(rule.rank.params, by_rule[rule.index]))
+        for layer in by_rule[rule.index]:
+            message = check_rank(rule, layer)
+            if message:
+                problems.append(f"{message} @ {path}")
+
+    if problems:
+        raise SpecError(problems)
+
+    order = [e.name for e in entries if e.status == "compress"]
+    steps = []
+    for rnd in range(1, spec.rounds + 1):
+        for k in range(0, len(order), spec.layers_per_step):
+            steps.append(tuple((rnd, n) for n in order[k : k + spec.layers_per_step]))
+    return Plan(entries=tuple(entries), steps=tuple(steps))
+
+
+def check_rank(rule: ResolvedRule, layer: Layer) -> str | None:
+    """Ask the rule's rank rule for ``layer``'s rank now; a message if that fails or is invalid."""
+    decomposition = rule.decomposition.strategy
+    try:
+        rank = rule.rank.strategy.select(layer, decomposition, rule.rank.params)
+    except (ValueError, TypeError, KeyError) as exc:
+        text = str(exc.args[0]) if exc.args else repr(exc)
+        return text if text.startswith(f"layer {layer.name!r}") else f"layer {layer.name!r}: {text}"
+    if rank is None:
+        return None
+    message = decomposition.validate_rank(layer.module, rank)
+    if message:
+        return f"layer {layer.name!r}: {message} for decomposition {rule.decomposition.name!r}"
+    return None

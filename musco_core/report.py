@@ -1,0 +1,105 @@
+"""Reports of what a step did to each layer, as objects, dicts and text tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+def _fmt_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _ratio(before: int, after: int) -> str:
+    return f"{before / after:.2f}x" if after else "-"
+
+
+@attrs.frozen
+class LayerReport:
+    """What happened to one layer in one step.
+
+    ``status`` is ``"compressed"`` or ``"skipped"`` (then ``reason`` says why).
+    ``flops`` are for the example inputs, counted by PyTorch. ``rel_error`` is
+    ``|W - W'|_F / |W|_F`` of the layer's weight.
+    """
+
+    name: str
+    round: int
+    decomposition: str
+    rank_rule: str
+    status: str
+    rank: Any = None
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    rel_error: float | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        if isinstance(self.rank, tuple):
+            data["rank"] = list(self.rank)
+        return data
+
+
+_COLUMNS = ("layer", "round", "decomposition", "rank", "params", "FLOPs", "rel.err", "time")
+
+
+def format_table(layers: list[LayerReport] | tuple[LayerReport, ...]) -> str:
+    """A fixed-width text table of layer reports."""
+    rows = []
+    for r in layers:
+        if r.status == "compressed":
+            params = f"{_fmt_count(r.params_before)} -> {_fmt_count(r.params_after)}"
+            flops = f"{_fmt_count(r.flops_before)} -> {_fmt_count(r.flops_after)}"
+            err = f"{r.rel_error:.4f}" if r.rel_error is not None else "-"
+        else:
+            params, flops, err = f"skipped: {r.reason}", "", ""
+        rank = "x".join(map(str, r.rank)) if isinstance(r.rank, tuple) else str(r.rank or "-")
+        rows.append((r.name, str(r.round), r.decomposition, rank, params, flops, err,
+                     f"{r.seconds:.2f}s"))
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+              for i, c in enumerate(_COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+@attrs.frozen
+class StepReport:
+    """The layers of one :meth:`Compressor.step`, with totals over the compressed ones."""
+
+    step: int
+    layers: tuple[LayerReport, ...]
+    seconds: float = 0.0
+
+    @property
+    def compressed(self) -> tuple[LayerReport, ...]:
+        return tuple(r for r in self.layers if r.status == "compressed")
+
+    @property
+    def skipped(self) -> tuple[LayerReport, ...]:
+        return tuple(r for r in self.layers if r.status != "compressed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seconds": self.seconds,
+                "layers": [r.to_dict() for r in self.layers]}
+
+    def __str__(self) -> str:
+        done = self.compressed
+        before = sum(r.params_before for r in done)
+        after = sum(r.params_after for r in done)
+        fbefore = sum(r.flops_before for r in done)
+        fafter = sum(r.flops_after for r in done)
+        head = (f"step {self.step}: {len(done)} layer(s) compressed, {len(self.skipped)} skipped; "
+                f"params {_fmt_count(before)} -> {_fmt_count(after)} ({_ratio(before, after)}), "
+                f"FLOPs {_fmt_count(fbefore)} -> {_fmt_count(fafter)} ({_ratio(fbefore, fafter)}) "
+                f"in {self.seconds:.2f}s")
+        return head + "\n" + format_table(self.layers)

@@ -1,0 +1,337 @@
+"""The spec: which layers to compress, how, with which rank rule, in how many steps.
+
+A spec is a tree of frozen attrs objects. It is plain data: strategy names and
+parameters. Names are looked up in the registry and parameters are checked
+against each strategy's ``Params`` class when a :class:`~musco_core.Compressor`
+is created (or by :meth:`Spec.validate`).
+
+The dict / TOML / YAML form writes a strategy as its name, or as a table with a
+``name`` key and the parameters beside it::
+
+    layers_per_step = 5
+    exclude = ["classifier.*"]
+
+    [[rules]]
+    match = ["linear", "conv1x1"]
+    decomposition = "svd"
+    rank = { name = "param_reduction", rate = 2.0 }
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from musco_core.errors import SpecError
+from musco_core.registry import did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _params_dict(value: Any) -> dict[str, Any]:
+    return dict(value)
+
+
+@attrs.define(frozen=True, init=False, repr=False)
+class _Ref:
+    """A strategy by name, with parameters for its ``Params`` class."""
+
+    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+    params: Mapping[str, Any] = attrs.field(converter=_params_dict, hash=False)
+
+    def __init__(self, name: str, /, **params: Any):
+        self.__attrs_init__(name, params)
+
+    def __repr__(self) -> str:
+        args = [repr(self.name)] + [f"{k}={v!r}" for k, v in self.params.items()]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+class Match(_Ref):
+    """A layer matcher by name: ``Match("glob", pattern="layer4.*")``."""
+
+
+class RankRule(_Ref):
+    """A rank rule by name: ``RankRule("param_reduction", rate=2.0)``."""
+
+
+class Decompose(_Ref):
+    """A decomposition by name, with parameters: ``Decompose("cp3", max_iter=200)``.
+
+    A plain string (``decomposition="svd"``) is the same as ``Decompose("svd")``.
+    """
+
+
+def _to_match(value: Any) -> Any:
+    if isinstance(value, str):
+        return Match(value)
+    return value
+
+
+def _to_matches(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_match(v) for v in value)
+    return (_to_match(value),)
+
+
+def _check_matches(instance, attribute, value) -> None:
+    if not value:
+        raise ValueError("'match' must name at least one matcher")
+    for item in value:
+        if not (isinstance(item, Match) or callable(item)):
+            raise TypeError(
+                f"'match' items must be a matcher name, a musco.Match or a callable "
+                f"(name, module) -> bool; got {item!r}"
+            )
+
+
+def _to_ref(cls: type[_Ref]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        return cls(value) if isinstance(value, str) else value
+
+    return convert
+
+
+@attrs.frozen
+class Rule:
+    """Layers matched by ``match`` are factorized with ``decomposition`` at the ranks of ``rank``.
+
+    ``match`` is any of: a matcher name, a :class:`Match`, a callable
+    ``(name, module) -> bool``, or a list of these (a layer matching any of them
+    is taken). The first rule that matches a layer decides for it.
+    """
+
+    match: tuple[Any, ...] = attrs.field(converter=_to_matches, validator=_check_matches)
+    decomposition: Decompose = attrs.field(
+        converter=_to_ref(Decompose), validator=attrs.validators.instance_of(Decompose)
+    )
+    rank: RankRule = attrs.field(
+        converter=_to_ref(RankRule), validator=attrs.validators.instance_of(RankRule)
+    )
+
+
+def _str_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen
+class Spec:
+    """A compression strategy: rules, exclusions and the schedule.
+
+    :param rules: :class:`Rule` objects; for each layer the first matching rule applies.
+    :param exclude: glob patterns on dotted layer names that are never compressed.
+    :param layers_per_step: layers compressed per :meth:`Compressor.step` (the seed's ``ft_every``).
+    :param rounds: how many times every matched layer is compressed (the seed's
+        ``nglobal_compress_iters``); round 2 compresses round 1's factorized layers again.
+    """
+
+    rules: tuple[Rule, ...] = attrs.field(
+        converter=tuple,
+        validator=attrs.validators.deep_iterable(attrs.validators.instance_of(Rule)),
+    )
+    exclude: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_str_tuple,
+        validator=attrs.validators.deep_iterable(attrs.validators.instance_of(str)),
+    )
+    layers_per_step: int = attrs.field(
+        default=5, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+    )
+    rounds: int = attrs.field(
+        default=1, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+    )
+
+    # -- alternative constructors ------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Spec:
+        """Build a spec from its dict form; every problem is reported with its path."""
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a spec must be a mapping, got {type(data).__name__} @ $")
+        try:
+            return _converter.structure(dict(data), cls)
+        except (ClassValidationError, IterableValidationError) as exc:
+            raise SpecError(cattrs.transform_error(exc, path="$", format_exception=_format)) from None
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f"{exc} @ $") from None
+
+    @classmethod
+    def from_toml(cls, text: str) -> Spec:
+        """Build a spec from TOML text (see the module docstring for the form)."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"invalid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Spec:
+        """Build a spec from YAML text (needs PyYAML: ``pip install musco[yaml]``)."""
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError("Spec.from_yaml needs PyYAML: pip install 'musco[yaml]'") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"invalid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Spec:
+        """Read a spec from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        suffix = path.suffix.lower()
+        if suffix == ".toml":
+            return cls.from_toml(text)
+        if suffix in (".yaml", ".yml"):
+            return cls.from_yaml(text)
+        if suffix == ".json":
+            import json
+
+            return cls.from_dict(json.loads(text))
+        raise SpecError(f"unknown spec file type {suffix!r} for {path}; use .toml, .yaml or .json")
+
+    # -- serialisation -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict form (what :meth:`from_dict` reads). Callable matchers cannot be written."""
+        return _converter.unstructure(self)
+
+    def to_toml(self) -> str:
+        """The TOML form (what :meth:`from_toml` reads)."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def validate(self, registry=None) -> None:
+        """Check strategy names and parameters against the registry; raise :class:`SpecError`.
+
+        Layer-dependent checks (ranks against layer shapes, layer names in
+        per-layer mappings) happen when a :class:`~musco_core.Compressor` is created.
+        """
+        from musco_core.plan import resolve_rules
+
+        resolve_rules(self, registry)
+
+
+# -- the converter: dict form <-> spec objects ------------------------------------------
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _structure_ref(cls: type[_Ref]) -> Callable[[Any, Any], _Ref]:
+    def structure(value: Any, _type: Any) -> _Ref:
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping):
+            params = dict(value)
+            name = params.pop("name", None)
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"a table for a {cls.__name__} needs a 'name' key naming the strategy, "
+                    f"got keys {sorted(value)}"
+                )
+            return cls(name, **params)
+        raise TypeError(f"expected a name or a table with 'name', got {value!r}")
+
+    return structure
+
+
+def _unstructure_ref(ref: _Ref) -> Any:
+    if not ref.params:
+        return ref.name
+    return {"name": ref.name, **{k: _plain(v) for k, v in ref.params.items()}}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _structure_matches(value: Any, _type: Any) -> tuple[Match, ...]:
+    items = value if isinstance(value, list) else [value]
+    return tuple(_structure_ref(Match)(v, Match) for v in items)
+
+
+def _unstructure_match(item: Any) -> Any:
+    if isinstance(item, Match):
+        return _unstructure_ref(item)
+    raise SpecError(
+        f"a callable matcher ({item!r}) cannot be written to a dict or file; "
+        "register it as a matcher plugin and refer to it by name"
+    )
+
+
+for _cls in (Match, RankRule, Decompose):
+    _converter.register_structure_hook(_cls, _structure_ref(_cls))
+    _converter.register_unstructure_hook(_cls, _unstructure_ref)
+
+_converter.register_structure_hook(
+    Rule,
+    cattrs.gen.make_dict_structure_fn(
+        Rule,
+        _converter,
+        _cattrs_forbid_extra_keys=True,
+        match=cattrs.gen.override(struct_hook=_structure_matches),
+    ),
+)
+_converter.register_unstructure_hook(
+    Rule,
+    lambda rule: {
+        "match": [_unstructure_match(m) for m in rule.match],
+        "decomposition": _unstructure_ref(rule.decomposition),
+        "rank": _unstructure_ref(rule.rank),
+    },
+)
+_converter.register_unstructure_hook(
+    Spec,
+    lambda spec: {
+        "rules": [_converter.unstructure(r, Rule) for r in spec.rules],
+        "exclude": list(spec.exclude),
+        "layers_per_step": spec.layers_per_step,
+        "rounds": spec.rounds,
+    },
+)
+
+
+def _format(exc: BaseException, type_: Any) -> str:
+    """Messages for :func:`cattrs.transform_error`: keep validators' words, suggest names."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        parts = []
+        for key in sorted(exc.extra_fields):
+            parts.append(f"unknown key {key!r} ({did_you_mean(key, valid)})")
+        return "; ".join(parts)
+    if isinstance(exc, KeyError):
+        return "required key missing"
+    if isinstance(exc, (ValueError, TypeError)) and str(exc):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+def format_params_error(exc: BaseException, path: str) -> list[str]:
+    """Lines with paths for a failure to structure strategy parameters at ``path``."""
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        return cattrs.transform_error(exc, path=path, format_exception=_format)
+    return [f"{_format(exc, None)} @ {path}"]
+
+
+def structure_params(params: Mapping[str, Any], cls: type) -> Any:
+    """Fill a strategy's ``Params`` class from a spec's parameters (unknown keys are errors)."""
+    return _converter.structure(dict(params), cls)

@@ -1,0 +1,129 @@
+"""Per-layer statistics from one forward pass: shapes, parameters and FLOPs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@attrs.frozen
+class LayerStats:
+    """What one forward pass of the example inputs tells about a layer.
+
+    ``flops`` are counted by :class:`torch.utils.flop_counter.FlopCounterMode`
+    (a multiply-add is two FLOPs) for the whole example batch, summed over all
+    calls of the layer. ``calls`` is how often the layer ran in that pass.
+    """
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    params: int
+    flops: int
+    calls: int = 1
+
+    @property
+    def positions(self) -> int:
+        """Number of output vectors per call: batch x tokens for Linear, batch x H x W for conv."""
+        channels = _out_channels(self.output_shape)
+        numel = 1
+        for s in self.output_shape:
+            numel *= s
+        return numel // channels if channels else 0
+
+
+def _out_channels(shape: tuple[int, ...]) -> int:
+    # Conv outputs are (N, C, H, W); Linear outputs are (..., features).
+    return shape[1] if len(shape) == 4 else shape[-1]
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of parameters of ``module`` (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def probe_module(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """Run ``module`` on a zero input of ``input_shape``; return (FLOPs, output shape).
+
+    FLOPs are counted by :class:`~torch.utils.flop_counter.FlopCounterMode`. The
+    pass runs under ``torch.no_grad`` and does not change the module.
+    """
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(input_shape, device=device, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        y = module(x)
+    out = _first_tensor(y)
+    return int(counter.get_total_flops()), tuple(out.shape) if out is not None else ()
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(value, Mapping):
+        return _first_tensor(list(value.values()))
+    return None
+
+
+def collect_stats(
+    model: nn.Module, example_inputs: Any, names: Iterable[str]
+) -> dict[str, LayerStats]:
+    """Run ``model`` once on ``example_inputs`` and return :class:`LayerStats` for ``names``.
+
+    ``example_inputs`` is a tensor, a tuple of positional arguments, or a dict of
+    keyword arguments. Layers that did not run in the pass are left out of the
+    result. The model's train/eval mode is kept; the pass runs without gradients.
+    """
+    wanted = set(names)
+    seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    handles = []
+
+    def make_hook(layer_name: str):
+        def hook(_module, args, output):
+            x = _first_tensor(args)
+            y = _first_tensor(output)
+            if x is not None and y is not None:
+                seen.setdefault(layer_name, []).append((tuple(x.shape), tuple(y.shape)))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name in wanted:
+            handles.append(module.register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, Mapping):
+                model(**example_inputs)
+            elif isinstance(example_inputs, tuple):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    modules = dict(model.named_modules())
+    stats = {}
+    for name, calls in seen.items():
+        in_shape, out_shape = calls[0]
+        module = modules[name]
+        flops = sum(probe_module(module, s_in)[0] for s_in, _ in calls)
+        stats[name] = LayerStats(
+            input_shape=in_shape,
+            output_shape=out_shape,
+            params=param_count(module),
+            flops=flops,
+            calls=len(calls),
+        )
+    return stats

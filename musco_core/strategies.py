@@ -1,0 +1,208 @@
+"""Base classes for the three kinds of strategy: decompositions, rank selectors, matchers.
+
+Plugins subclass these and hand instances to the ``register`` callback of the
+``musco_add_*`` hooks. The engine only ever talks to a strategy through the
+methods defined here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+import attrs
+import torch
+from torch import nn
+
+from musco_core.errors import UnsupportedLayerError
+
+if TYPE_CHECKING:
+    from musco_core.stats import LayerStats
+
+#: A rank is an ``int`` (SVD, CP) or a tuple of ints (Tucker-2: ``(r_in, r_out)``).
+#: Never a float: fractions are expressed through rank rules such as ``param_reduction``.
+Rank = Union[int, tuple[int, ...]]
+
+
+@attrs.frozen
+class NoParams:
+    """Params class of a strategy that takes no parameters."""
+
+
+def rank_tuple(rank: Rank) -> tuple[int, ...]:
+    """Return ``rank`` as a tuple of ints (an int becomes a 1-tuple)."""
+    return (rank,) if isinstance(rank, int) else tuple(rank)
+
+
+class Strategy:
+    """What every strategy has: a registry name, a one-line summary and a Params class."""
+
+    #: Name used in specs and in the registry.
+    name: ClassVar[str] = ""
+    #: One line shown by ``musco.available()`` and ``musco plugins``.
+    summary: ClassVar[str] = ""
+    #: Frozen attrs class the engine structures the spec's parameters into.
+    Params: ClassVar[type] = NoParams
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class Decomposition(Strategy):
+    """Factorizes the weight of a layer and rebuilds the layer as smaller modules.
+
+    The math is pure: :meth:`decompose` and :meth:`reconstruct` take and return
+    tensors. :meth:`build` turns factors into a module. The engine calls
+    :meth:`check`, :meth:`full_rank`, :meth:`param_count`, :meth:`flop_count` and
+    :meth:`compress`; the default :meth:`compress` chains the pure steps.
+
+    A decomposition may also accept its own factorized modules (see
+    :attr:`module_types`) and compress them further in a later round.
+    """
+
+    #: Module classes this decomposition accepts (``isinstance`` check in :meth:`check`).
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    # -- what the engine and rank rules need -------------------------------------------
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Raise :class:`~musco_core.errors.UnsupportedLayerError` if ``module`` cannot be handled.
+
+        The default accepts instances of :attr:`module_types`; override to add
+        finer checks (kernel size, groups, padding mode ...).
+        """
+        if not isinstance(module, self.module_types):
+            accepted = ", ".join(t.__name__ for t in self.module_types) or "nothing"
+            raise UnsupportedLayerError(
+                f"layer {name!r}: decomposition {self.name!r} does not support "
+                f"{type(module).__name__}; it accepts {accepted}"
+            )
+
+    def full_rank(self, module: nn.Module) -> Rank:
+        """The largest meaningful rank for ``module`` (exact reconstruction)."""
+        raise NotImplementedError
+
+    def param_count(self, module: nn.Module, rank: Rank) -> int:
+        """Number of parameters of the factorized module at ``rank`` (bias included)."""
+        raise NotImplementedError
+
+    def flop_count(self, module: nn.Module, rank: Rank, stats: LayerStats) -> int:
+        """FLOPs of the factorized module at ``rank`` for the input recorded in ``stats``.
+
+        FLOPs are counted the way :mod:`torch.utils.flop_counter` counts them
+        (a multiply-add is two FLOPs).
+        """
+        raise NotImplementedError
+
+    def rank_for_param_count(self, module: nn.Module, budget: float) -> Rank | None:
+        """The largest rank whose :meth:`param_count` is at most ``budget``.
+
+        Returns ``None`` when even the smallest rank is over budget. The default
+        searches over int ranks ``1 .. full_rank`` (``param_count`` must grow with
+        the rank); decompositions with tuple ranks must override it.
+        """
+        full = self.full_rank(module)
+        if not isinstance(full, int):
+            raise NotImplementedError(
+                f"{type(self).__name__} has tuple ranks and must override rank_for_param_count"
+            )
+        if self.param_count(module, 1) > budget:
+            return None
+        lo, hi = 1, full
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.param_count(module, mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def validate_rank(self, module: nn.Module, rank: Rank) -> str | None:
+        """Return a message if ``rank`` is not valid for ``module``, else ``None``."""
+        full = rank_tuple(self.full_rank(module))
+        given = rank_tuple(rank) if isinstance(rank, (int, tuple)) else None
+        if given is None or len(given) != len(full) or not all(isinstance(r, int) for r in given):
+            shape = "an int" if len(full) == 1 else f"a tuple of {len(full)} ints"
+            return f"rank {rank!r} is not {shape}"
+        for r, f in zip(given, full):
+            if isinstance(r, bool) or r < 1 or r > f:
+                return f"rank {rank!r} is outside 1..{self.full_rank(module)!r}"
+        return None
+
+    def compress(self, module: nn.Module, rank: Rank, params: Any) -> tuple[nn.Module, float]:
+        """Return the factorized module and the relative weight error ``|W - W'| / |W|``.
+
+        Must not modify ``module``. The default runs :meth:`weight`,
+        :meth:`decompose`, :meth:`reconstruct` and :meth:`build`.
+        """
+        weight = self.weight(module).detach()
+        factors = self.decompose(weight, rank, params)
+        approx = self.reconstruct(factors)
+        new = self.build(module, factors)
+        return new, relative_error(weight, approx)
+
+    # -- the pure math and the module building ----------------------------------------
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """The dense weight that :meth:`decompose` factorizes (also for factorized modules)."""
+        raise NotImplementedError
+
+    def decompose(self, weight: torch.Tensor, rank: Rank, params: Any) -> Any:
+        """Factorize ``weight`` at ``rank``; returns the factors (decomposition-specific)."""
+        raise NotImplementedError
+
+    def reconstruct(self, factors: Any) -> torch.Tensor:
+        """Rebuild the dense weight from ``factors``."""
+        raise NotImplementedError
+
+    def build(self, module: nn.Module, factors: Any) -> nn.Module:
+        """Build the factorized module replacing ``module`` (same device, dtype, bias)."""
+        raise NotImplementedError
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``|reference - approx|_F / |reference|_F`` as a float (0 for a zero reference)."""
+    ref = reference.detach()
+    norm = torch.linalg.vector_norm(ref)
+    diff = torch.linalg.vector_norm(ref - approx.detach().to(ref.dtype))
+    if norm == 0:
+        return float(diff)
+    return float(diff / norm)
+
+
+class RankSelector(Strategy):
+    """Chooses the rank of one layer for one decomposition."""
+
+    def problems(self, params: Any, layers: list[Layer]) -> list[str]:
+        """Problems of ``params`` given the layers the rule matched (checked before any work).
+
+        For example a per-layer mapping that names a layer the rule does not
+        match. Return one message per problem; the default finds none.
+        """
+        return []
+
+    def select(self, layer: Layer, decomposition: Decomposition, params: Any) -> Rank | None:
+        """Return the rank for ``layer``, or ``None`` to leave the layer as it is.
+
+        ``layer`` carries the dotted name, the current module and its statistics.
+        Raise :class:`ValueError` with a message naming the layer for bad input.
+        """
+        raise NotImplementedError
+
+
+class Matcher(Strategy):
+    """Decides whether a rule applies to a layer."""
+
+    def matches(self, name: str, module: nn.Module, params: Any) -> bool:
+        """Return whether the rule applies to the layer ``name``."""
+        raise NotImplementedError
+
+
+@attrs.frozen
+class Layer:
+    """A layer as a rank rule sees it: its dotted name, the current module, its statistics."""
+
+    name: str
+    module: nn.Module
+    stats: LayerStats
+    #: Compression round, starting at 1 (a later round sees an already factorized module).
+    round: int = 1

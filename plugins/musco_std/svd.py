@@ -1,0 +1,162 @@
+"""Truncated SVD of Linear and 1x1-conv weights, rebuilt as two thin layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from musco_core import Decomposition, LayerStats, UnsupportedLayerError
+
+
+class SVDLinear(nn.Module):
+    """``nn.Linear`` factorized as ``second(first(x))``: in -> rank -> out, bias on ``second``."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+class SVDConv1x1(nn.Module):
+    """1x1 ``nn.Conv2d`` factorized as two 1x1 convs: in -> rank (stride, padding) -> out (bias)."""
+
+    def __init__(self, in_channels: int, rank: int, out_channels: int, *, stride=1, padding=0,
+                 dilation=1, padding_mode: str = "zeros", bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.first = nn.Conv2d(in_channels, rank, 1, stride=stride, padding=padding,
+                               dilation=dilation, bias=False, padding_mode=padding_mode, **kw)
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of a matrix (Eckart-Young): ``weight ~ second @ first``.
+
+    ``weight`` has shape (out, in); returns ``first`` (rank, in) and ``second``
+    (out, rank), the singular values split evenly between them
+    (``second = U_r S_r^1/2``, ``first = S_r^1/2 V_r^T``).
+    """
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+
+
+@attrs.frozen
+class SVDParams:
+    """The SVD decomposition takes no parameters."""
+
+
+class SVD(Decomposition):
+    """Truncated SVD: ``W (out x in) ~ U_r S_r V_r^T``, the optimal rank-r approximation.
+
+    Handles ``nn.Linear``, 1x1 ``nn.Conv2d`` (any stride, padding, padding mode,
+    bias; not grouped) and its own :class:`SVDLinear` / :class:`SVDConv1x1`,
+    which it re-truncates in a later round. The rank is an int in
+    ``1 .. min(in, out)``.
+
+    References
+    ----------
+    C. Eckart, G. Young, "The approximation of one matrix by another of lower
+    rank", Psychometrika 1 (1936).
+    """
+
+    name = "svd"
+    summary = "truncated SVD of Linear / 1x1 conv weights -> two thin layers"
+    Params = SVDParams
+    module_types = (nn.Linear, nn.Conv2d, SVDLinear, SVDConv1x1)
+
+    def check(self, name: str, module: nn.Module) -> None:
+        super().check(name, module)
+        if isinstance(module, nn.Conv2d):
+            if tuple(module.kernel_size) != (1, 1):
+                raise UnsupportedLayerError(
+                    f"layer {name!r}: decomposition 'svd' handles 1x1 convolutions only, got "
+                    f"kernel_size={tuple(module.kernel_size)}; use tucker2, cp3 or cp4 for kxk"
+                )
+            if module.groups != 1:
+                raise UnsupportedLayerError(
+                    f"layer {name!r}: decomposition 'svd' does not support grouped convolutions "
+                    f"(groups={module.groups}); only groups=1 is supported"
+                )
+
+    @staticmethod
+    def _dims(module: nn.Module) -> tuple[int, int, bool]:
+        """(in, out, has_bias) of a supported module."""
+        if isinstance(module, nn.Linear):
+            return module.in_features, module.out_features, module.bias is not None
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels, module.out_channels, module.bias is not None
+        first, second = module.first, module.second
+        return first.weight.shape[1], second.weight.shape[0], second.bias is not None
+
+    def full_rank(self, module: nn.Module) -> int:
+        n_in, n_out, _ = self._dims(module)
+        return min(n_in, n_out)
+
+    def param_count(self, module: nn.Module, rank: int) -> int:
+        n_in, n_out, bias = self._dims(module)
+        return rank * (n_in + n_out) + (n_out if bias else 0)
+
+    def flop_count(self, module: nn.Module, rank: int, stats: LayerStats) -> int:
+        n_in, n_out, _ = self._dims(module)
+        return 2 * stats.positions * rank * (n_in + n_out) * stats.calls
+
+    def rank_for_param_count(self, module: nn.Module, budget: float) -> int | None:
+        n_in, n_out, bias = self._dims(module)
+        rank = int((budget - (n_out if bias else 0)) // (n_in + n_out))
+        rank = min(rank, min(n_in, n_out))
+        return rank if rank >= 1 else None
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        n_in, n_out, _ = self._dims(module)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            return module.weight.reshape(n_out, n_in)
+        first = module.first.weight.reshape(module.rank, n_in)
+        return module.second.weight.reshape(n_out, module.rank) @ first
+
+    def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
+        return svd_factors(weight, rank)
+
+    def reconstruct(self, factors) -> torch.Tensor:
+        first, second = factors
+        return second @ first
+
+    def build(self, module: nn.Module, factors) -> nn.Module:
+        first, second = factors
+        rank = first.shape[0]
+        n_in, n_out, bias = self._dims(module)
+        # For a factorized module the input side comes from `first`, the bias from `second`.
+        inner = module.first if isinstance(module, (SVDLinear, SVDConv1x1)) else module
+        last = module.second if isinstance(module, (SVDLinear, SVDConv1x1)) else module
+        kw = {"device": inner.weight.device, "dtype": inner.weight.dtype}
+        if isinstance(inner, nn.Linear):
+            new: nn.Module = SVDLinear(n_in, rank, n_out, bias=bias, **kw)
+        else:
+            new = SVDConv1x1(n_in, rank, n_out, stride=inner.stride, padding=inner.padding,
+                             dilation=inner.dilation, padding_mode=inner.padding_mode,
+                             bias=bias, **kw)
+        with torch.no_grad():
+            new.first.weight.copy_(first.reshape(new.first.weight.shape))
+            new.second.weight.copy_(second.reshape(new.second.weight.shape))
+            if bias:
+                new.second.bias.copy_(last.bias)
+        return new
