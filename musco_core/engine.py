@@ -10,7 +10,14 @@ from typing import Any
 from torch import nn
 
 from musco_core.errors import CompressionError
-from musco_core.plan import Plan, ResolvedRule, build_plan, candidate_layers, resolve_rules
+from musco_core.plan import (
+    Plan,
+    ResolvedRule,
+    build_plan,
+    candidate_layers,
+    resolve_rules,
+    select_rank,
+)
 from musco_core.registry import Registry, default_registry
 from musco_core.report import LayerReport, StepReport
 from musco_core.spec import Spec
@@ -151,8 +158,7 @@ class Compressor:
         except Exception as exc:
             raise fail(f"{dec_label} cannot handle it", exc, dec_label) from exc
         try:
-            rank = rule.rank.strategy.select(Layer(name, module, stats, rnd), decomposition,
-                                             rule.rank.params)
+            rank = select_rank(rule, Layer(name, module, stats, rnd))
         except Exception as exc:
             raise fail(f"{rank_label} failed", exc, rank_label) from exc
         if rank is None:

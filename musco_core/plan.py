@@ -10,10 +10,11 @@ import attrs
 from torch import nn
 
 from musco_core.errors import SpecError, UnsupportedLayerError
+from musco_core.limits import LIMIT_KEYS, RankLimits
 from musco_core.registry import Registry, default_registry
 from musco_core.spec import Match, Spec, _Ref, format_params_error, structure_params
 from musco_core.stats import LayerStats
-from musco_core.strategies import Decomposition, Layer, Matcher, RankSelector, Strategy
+from musco_core.strategies import Decomposition, Layer, Matcher, Rank, RankSelector, Strategy
 
 
 @attrs.frozen
@@ -23,6 +24,8 @@ class Bound:
     name: str
     strategy: Strategy
     params: Any
+    #: For rank rules: ``round_to`` / ``min_rank`` / ``max_rank`` from the spec.
+    limits: RankLimits = RankLimits()
 
 
 @attrs.frozen
@@ -49,12 +52,21 @@ def _bind(registry: Registry, kind: str, ref: _Ref, path: str, problems: list[st
     except KeyError as exc:
         problems.append(f"{exc.args[0]} @ {path}")
         return None
+    own = dict(ref.params)
+    limits = RankLimits()
+    if kind == "rank_rules":
+        common = {k: own.pop(k) for k in LIMIT_KEYS if k in own}
+        try:
+            limits = structure_params(common, RankLimits)
+        except Exception as exc:
+            problems.extend(format_params_error(exc, path))
+            return None
     try:
-        params = structure_params(ref.params, entry.strategy.Params)
+        params = structure_params(own, entry.strategy.Params)
     except Exception as exc:  # cattrs and attrs validators raise several types
         problems.extend(format_params_error(exc, path))
         return None
-    return Bound(name=entry.name, strategy=entry.strategy, params=params)
+    return Bound(name=entry.name, strategy=entry.strategy, params=params, limits=limits)
 
 
 def resolve_rules(spec: Spec, registry: Registry | None = None) -> tuple[ResolvedRule, ...]:
@@ -220,17 +232,27 @@ def build_plan(
     return Plan(entries=tuple(entries), steps=tuple(steps))
 
 
-def check_rank(rule: ResolvedRule, layer: Layer) -> str | None:
-    """Ask the rule's rank rule for ``layer``'s rank now; a message if that fails or is invalid."""
+def select_rank(rule: ResolvedRule, layer: Layer) -> Rank | None:
+    """The rank ``rule`` gives ``layer``: its rank rule's choice after the rank limits."""
     decomposition = rule.decomposition.strategy
+    selector = rule.rank.strategy
+    assert isinstance(selector, RankSelector) and isinstance(decomposition, Decomposition)
+    rank = selector.select(layer, decomposition, rule.rank.params)
+    if rank is None:
+        return None
+    return rule.rank.limits.apply(rank, decomposition.full_rank(layer.module), selector.rounding)
+
+
+def check_rank(rule: ResolvedRule, layer: Layer) -> str | None:
+    """Ask the rule for ``layer``'s rank now; a message if that fails or gives an invalid rank."""
     try:
-        rank = rule.rank.strategy.select(layer, decomposition, rule.rank.params)
+        rank = select_rank(rule, layer)
     except (ValueError, TypeError, KeyError) as exc:
         text = str(exc.args[0]) if exc.args else repr(exc)
         return text if text.startswith(f"layer {layer.name!r}") else f"layer {layer.name!r}: {text}"
     if rank is None:
         return None
-    message = decomposition.validate_rank(layer.module, rank)
+    message = rule.decomposition.strategy.validate_rank(layer.module, rank)
     if message:
         return f"layer {layer.name!r}: {message} for decomposition {rule.decomposition.name!r}"
     return None

@@ -94,27 +94,30 @@ class Decomposition(Strategy):
         raise NotImplementedError
 
     def rank_for_param_count(self, module: nn.Module, budget: float) -> Rank | None:
-        """The largest rank whose :meth:`param_count` is at most ``budget``.
+        """The largest rank whose :meth:`param_count` is at most ``budget`` (``None`` if none).
 
-        Returns ``None`` when even the smallest rank is over budget. The default
-        searches over int ranks ``1 .. full_rank`` (``param_count`` must grow with
-        the rank); decompositions with tuple ranks must override it.
+        The default is :func:`largest_rank_within`; override it with a closed form
+        where the decomposition has one.
         """
-        full = self.full_rank(module)
-        if not isinstance(full, int):
-            raise NotImplementedError(
-                f"{type(self).__name__} has tuple ranks and must override rank_for_param_count"
-            )
-        if self.param_count(module, 1) > budget:
-            return None
-        lo, hi = 1, full
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.param_count(module, mid) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return largest_rank_within(
+            self.full_rank(module), lambda r: self.param_count(module, r), budget
+        )
+
+    def rank_for_flop_count(self, module: nn.Module, budget: float, stats: LayerStats) -> Rank | None:
+        """The largest rank whose :meth:`flop_count` is at most ``budget`` (``None`` if none)."""
+        return largest_rank_within(
+            self.full_rank(module), lambda r: self.flop_count(module, r, stats), budget
+        )
+
+    def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
+        """One matrix per rank component, whose spectrum data-driven rank rules analyse.
+
+        For an int rank a list of one matrix (SVD: the weight matrix); for
+        Tucker-2's ``(r_in, r_out)`` the mode-1 (cin x cout*kh*kw) and mode-0
+        (cout x cin*kh*kw) unfoldings, in that order. Rules such as ``vbmf`` and
+        ``energy`` compute one rank per matrix.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not provide rank_matrices")
 
     def validate_rank(self, module: nn.Module, rank: Rank) -> str | None:
         """Return a message if ``rank`` is not valid for ``module``, else ``None``."""
@@ -159,6 +162,45 @@ class Decomposition(Strategy):
         raise NotImplementedError
 
 
+def largest_rank_within(full: Rank, cost, budget: float) -> Rank | None:
+    """The largest rank up to ``full`` whose ``cost(rank)`` is at most ``budget``.
+
+    ``cost`` must grow with the rank. For an int rank this is a binary search
+    over ``1 .. full``. For a tuple rank every component is shrunk in proportion
+    to ``full`` (``r_i = max(1, floor(t * full_i))``) and the largest scale ``t``
+    within budget is searched, so the shape of the rank (r_in : r_out) follows
+    the layer's. Returns ``None`` when even rank 1 (all ones) is over budget.
+    """
+    if isinstance(full, int):
+        if cost(1) > budget:
+            return None
+        lo, hi = 1, full
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cost(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    full = tuple(full)
+
+    def at(step: int) -> tuple[int, ...]:
+        # step runs over 0 .. max(full) - 1; scale t = (step + 1) / max(full)
+        top = max(full)
+        return tuple(max(1, (f * (step + 1)) // top) for f in full)
+
+    if cost(at(0)) > budget:
+        return None
+    lo, hi = 0, max(full) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(at(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return at(lo)
+
+
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """``|reference - approx|_F / |reference|_F`` as a float (0 for a zero reference)."""
     ref = reference.detach()
@@ -170,7 +212,17 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 class RankSelector(Strategy):
-    """Chooses the rank of one layer for one decomposition."""
+    """Chooses the rank of one layer for one decomposition.
+
+    Every rule also accepts ``round_to``, ``min_rank`` and ``max_rank`` in the
+    spec; the engine applies them to the rank :meth:`select` returns (see
+    :class:`musco_core.limits.RankLimits`), rounding in the direction of
+    :attr:`rounding`.
+    """
+
+    #: How ``round_to`` rounds this rule's ranks: ``"down"`` (keeps a reduction
+    #: target), ``"up"`` (keeps a lower bound such as an energy fraction) or ``"nearest"``.
+    rounding: ClassVar[str] = "nearest"
 
     def problems(self, params: Any, layers: list[Layer]) -> list[str]:
         """Problems of ``params`` given the layers the rule matched (checked before any work).

@@ -126,6 +126,7 @@ class ParamReduction(RankSelector):
     name = "param_reduction"
     summary = "largest rank with at most 1/rate of the layer's parameters"
     Params = ParamReductionParams
+    rounding = "down"
 
     def problems(self, params: ParamReductionParams, layers) -> list[str]:
         return _unknown_layers(params.rates, layers)

@@ -133,6 +133,9 @@ class SVD(Decomposition):
         first = module.first.weight.reshape(module.rank, n_in)
         return module.second.weight.reshape(n_out, module.rank) @ first
 
+    def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
+        return [self.weight(module).detach()]
+
     def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
         return svd_factors(weight, rank)
 
