@@ -54,17 +54,20 @@ def _bind(registry: Registry, kind: str, ref: _Ref, path: str, problems: list[st
         return None
     own = dict(ref.params)
     limits = RankLimits()
+    failed = False
     if kind == "rank_rules":
         common = {k: own.pop(k) for k in LIMIT_KEYS if k in own}
         try:
             limits = structure_params(common, RankLimits)
         except Exception as exc:
             problems.extend(format_params_error(exc, path))
-            return None
+            failed = True
     try:
         params = structure_params(own, entry.strategy.Params)
     except Exception as exc:  # cattrs and attrs validators raise several types
         problems.extend(format_params_error(exc, path))
+        return None
+    if failed:
         return None
     return Bound(name=entry.name, strategy=entry.strategy, params=params, limits=limits)
 

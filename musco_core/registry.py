@@ -52,10 +52,10 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _distribution_of(obj: Any) -> str | None:
+def _distribution_of(obj: Any, packages: dict[str, list[str]]) -> str | None:
+    """The installed distribution that ships the module defining ``obj``'s class."""
     module = type(obj).__module__ or ""
-    top = module.split(".")[0]
-    dists = metadata.packages_distributions().get(top)
+    dists = packages.get(module.split(".")[0])
     return dists[0] if dists else None
 
 
@@ -128,6 +128,7 @@ class Registry:
 
     def _collect(self) -> dict[str, dict[str, Entry]]:
         entries: dict[str, dict[str, Entry]] = {}
+        packages = metadata.packages_distributions()
         for kind, (hook_name, base, label) in KINDS.items():
             table: dict[str, Entry] = {}
 
@@ -142,7 +143,7 @@ class Registry:
                 entry = Entry(
                     name=strategy.name,
                     strategy=strategy,
-                    distribution=_distribution_of(strategy),
+                    distribution=_distribution_of(strategy, packages),
                     aliases=tuple(aliases),
                 )
                 for key in (entry.name, *entry.aliases):

@@ -37,8 +37,17 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def _freeze(value: Any) -> Any:
+    """Lists (how TOML, YAML and JSON write tuples) become tuples, recursively."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _freeze(v) for k, v in value.items()}
+    return value
+
+
 def _params_dict(value: Any) -> dict[str, Any]:
-    return dict(value)
+    return {k: _freeze(v) for k, v in dict(value).items()}
 
 
 @attrs.define(frozen=True, init=False, repr=False)
@@ -214,7 +223,9 @@ class Spec:
         """The TOML form (what :meth:`from_toml` reads)."""
         import tomli_w
 
-        return tomli_w.dumps(self.to_dict())
+        data = self.to_dict()
+        _reject_none(data, "$")
+        return tomli_w.dumps(data)
 
     def validate(self, registry=None) -> None:
         """Check strategy names and parameters against the registry; raise :class:`SpecError`.
@@ -225,6 +236,20 @@ class Spec:
         from musco_core.plan import resolve_rules
 
         resolve_rules(self, registry)
+
+
+def _reject_none(value: Any, path: str) -> None:
+    if value is None:
+        raise SpecError(
+            f"TOML has no null, so None cannot be written @ {path}; leave such a layer out "
+            "with Spec.exclude, or write the spec as YAML or JSON"
+        )
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _reject_none(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_none(v, f"{path}[{i}]")
 
 
 # -- the converter: dict form <-> spec objects ------------------------------------------
@@ -316,7 +341,7 @@ def _format(exc: BaseException, type_: Any) -> str:
         valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
         parts = []
         for key in sorted(exc.extra_fields):
-            parts.append(f"unknown key {key!r} ({did_you_mean(key, valid)})")
+            parts.append(f"unknown key {key!r}; {did_you_mean(key, valid)}")
         return "; ".join(parts)
     if isinstance(exc, KeyError):
         return "required key missing"

@@ -1,4 +1,4 @@
-"""First-party rank rules: fixed (manual) ranks and a parameter-reduction target."""
+"""First-party rank rules: manual ranks, reduction targets and spectrum-based ranks (vbmf, energy)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ from typing import Any
 
 import attrs
 
+import numpy as np
+
 from musco_core import RankSelector
 from musco_core.stats import param_count
+from musco_core.strategies import rank_tuple
+from musco_std.vbmf import evbmf_rank, squared_singular_values, weaken
 
 
 def _as_rank(value: Any) -> Any:
@@ -138,4 +142,199 @@ class ParamReduction(RankSelector):
         return decomposition.rank_for_param_count(layer.module, param_count(layer.module) / rate)
 
 
-RANK_RULES = (Fixed(), ParamReduction())
+def _mapping(name: str):
+    """Converter for a per-layer mapping field: a dict copy, or a TypeError naming the field."""
+
+    def convert(value: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name!r} must be a mapping of layer name to value, got {value!r}")
+        for layer in value:
+            if not isinstance(layer, str):
+                raise TypeError(f"{name!r} keys must be layer names (str), got {layer!r}")
+        return dict(value)
+
+    return convert
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and np.isfinite(value)
+
+
+@attrs.frozen
+class FlopReductionParams:
+    #: Target: the factorized layer needs at most ``1/rate`` of the current layer's FLOPs.
+    rate: float = attrs.field(default=2.0, validator=_rate)
+    #: Per-layer rates by dotted name; ``None`` leaves that layer uncompressed.
+    rates: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping("rates"),
+                                           validator=_rates_mapping)
+
+
+class FlopReduction(RankSelector):
+    """The largest rank whose factorized layer needs at most ``1/rate`` of the layer's FLOPs.
+
+    FLOPs are those recorded for the example inputs (``layer.stats.flops``, all
+    calls of the layer); the decomposition's :meth:`flop_count` prices a rank.
+    In a later round the rate is relative to the already factorized layer.
+    """
+
+    name = "flop_reduction"
+    summary = "largest rank with at most 1/rate of the layer's FLOPs"
+    Params = FlopReductionParams
+    rounding = "down"
+
+    def problems(self, params: FlopReductionParams, layers) -> list[str]:
+        return _unknown_layers(params.rates, layers)
+
+    def select(self, layer, decomposition, params: FlopReductionParams):
+        rate = params.rates.get(layer.name, params.rate)
+        if rate is None:
+            return None
+        flops = layer.stats.flops
+        if flops <= 0:
+            raise ValueError(
+                f"layer {layer.name!r} has {flops} FLOPs recorded, so a FLOP reduction "
+                f"target is meaningless; use param_reduction for it"
+            )
+        return decomposition.rank_for_flop_count(layer.module, flops / rate, layer.stats)
+
+
+def _spectral_matrices(layer, decomposition) -> tuple[list, tuple[int, ...]]:
+    """``decomposition.rank_matrices`` of the layer, one per component of its full rank."""
+    matrices = decomposition.rank_matrices(layer.module)
+    full = rank_tuple(decomposition.full_rank(layer.module))
+    if len(matrices) != len(full):
+        raise ValueError(
+            f"layer {layer.name!r}: decomposition {decomposition.name!r} gives "
+            f"{len(matrices)} rank matrices for a rank with {len(full)} components"
+        )
+    return matrices, full
+
+
+def _as_rank_of(values: list[int]) -> Any:
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _weakening(instance, attribute, value) -> None:
+    if not _number(value) or not 0 <= value <= 1:
+        raise ValueError(
+            f"{attribute.name!r} must be a number in [0, 1] (1 keeps the EVBMF rank, "
+            f"0 the full rank), got {value!r}"
+        )
+
+
+def _weakenings_mapping(instance, attribute, value) -> None:
+    for layer, w in value.items():
+        if w is not None and (not _number(w) or not 0 <= w <= 1):
+            raise ValueError(
+                f"weakenings[{layer!r}] must be a number in [0, 1] or None "
+                f"(do not compress), got {w!r}"
+            )
+
+
+@attrs.frozen
+class VBMFParams:
+    #: MUSCO's weakening factor ``w``: ``rank = int(full - w * (full - r_evbmf))``;
+    #: 1 keeps the EVBMF rank, 0 the full rank. 0.8 is musco-pytorch's default.
+    weakening: float = attrs.field(default=0.8, validator=_weakening)
+    #: Per-layer weakening factors by dotted name; ``None`` leaves that layer uncompressed.
+    weakenings: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=_mapping("weakenings"), validator=_weakenings_mapping
+    )
+
+
+class VBMF(RankSelector):
+    """EVBMF rank of each of the decomposition's rank matrices, weakened towards the full rank.
+
+    For each matrix ``Y_i`` of ``decomposition.rank_matrices(module)`` (SVD: the
+    weight matrix; Tucker-2: the mode-1 and mode-0 unfoldings) the empirical
+    VBMF rank ``r_i`` is computed (:func:`musco_std.vbmf.evbmf_rank`), then
+    weakened: ``rank_i = max(1, int(f_i - w (f_i - r_i)))`` with ``f_i`` the
+    smaller of the decomposition's full rank component and ``min(Y_i.shape)``.
+    A CP decomposition gives one matrix, so its rank is the weakened EVBMF rank
+    of that matrix, not a CP-specific estimate.
+    """
+
+    name = "vbmf"
+    summary = "EVBMF rank of each rank matrix, weakened: int(full - w*(full - r))"
+    Params = VBMFParams
+    rounding = "up"
+
+    def problems(self, params: VBMFParams, layers) -> list[str]:
+        return _unknown_layers(params.weakenings, layers)
+
+    def select(self, layer, decomposition, params: VBMFParams):
+        w = params.weakenings.get(layer.name, params.weakening)
+        if w is None:
+            return None
+        matrices, full = _spectral_matrices(layer, decomposition)
+        ranks = []
+        for matrix, f in zip(matrices, full):
+            top = min(f, min(matrix.shape))
+            ranks.append(min(top, weaken(top, evbmf_rank(matrix), w)))
+        return _as_rank_of(ranks)
+
+
+def energy_rank(s2: np.ndarray, fraction: float) -> int:
+    """Smallest ``r`` with ``sum(s2[:r]) >= fraction * sum(s2)`` (``s2`` descending; at least 1)."""
+    cum = np.cumsum(s2)
+    total = cum[-1]
+    if total <= 0:
+        return 1
+    return min(len(s2), int(np.count_nonzero(cum < fraction * total)) + 1)
+
+
+def _fraction(instance, attribute, value) -> None:
+    if not _number(value) or not 0 < value <= 1:
+        raise ValueError(
+            f"{attribute.name!r} must be a number in (0, 1] (the share of spectral energy "
+            f"to keep), got {value!r}"
+        )
+
+
+def _fractions_mapping(instance, attribute, value) -> None:
+    for layer, f in value.items():
+        if f is not None and (not _number(f) or not 0 < f <= 1):
+            raise ValueError(
+                f"fractions[{layer!r}] must be a number in (0, 1] or None "
+                f"(do not compress), got {f!r}"
+            )
+
+
+@attrs.frozen
+class EnergyParams:
+    #: Share of the spectral energy (sum of squared singular values) to keep.
+    fraction: float = attrs.field(default=0.9, validator=_fraction)
+    #: Per-layer fractions by dotted name; ``None`` leaves that layer uncompressed.
+    fractions: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=_mapping("fractions"), validator=_fractions_mapping
+    )
+
+
+class Energy(RankSelector):
+    """Smallest rank keeping ``fraction`` of the spectral energy of each rank matrix.
+
+    For each matrix of ``decomposition.rank_matrices(module)`` with singular
+    values ``s_1 >= s_2 >= ...``: the smallest ``r`` with
+    ``sum_{h<=r} s_h^2 >= fraction * sum_h s_h^2``, capped by the full rank.
+    For SVD this bounds the relative error: ``|W - W_r|_F^2 <= (1 - fraction) |W|_F^2``.
+    """
+
+    name = "energy"
+    summary = "smallest rank keeping a fraction of the spectral energy"
+    Params = EnergyParams
+    rounding = "up"
+
+    def problems(self, params: EnergyParams, layers) -> list[str]:
+        return _unknown_layers(params.fractions, layers)
+
+    def select(self, layer, decomposition, params: EnergyParams):
+        fraction = params.fractions.get(layer.name, params.fraction)
+        if fraction is None:
+            return None
+        matrices, full = _spectral_matrices(layer, decomposition)
+        ranks = [min(f, energy_rank(squared_singular_values(m), fraction))
+                 for m, f in zip(matrices, full)]
+        return _as_rank_of(ranks)
+
+
+RANK_RULES = (Fixed(), ParamReduction(), FlopReduction(), VBMF(), Energy())

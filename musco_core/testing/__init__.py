@@ -1,0 +1,55 @@
+"""Public test kit for plugin authors: hypothesis strategies and decomposition conformance checks.
+
+::
+
+    from musco_core.testing import check_decomposition, parametrize_with_checks
+
+    check_decomposition(MyDecomposition())          # raises AssertionError listing failures
+
+    @parametrize_with_checks([MyDecomposition()])   # one pytest case per check
+    def test_conformance(decomposition, check):
+        check(decomposition)
+
+Needs ``hypothesis`` and (for :func:`parametrize_with_checks`) ``pytest``.
+"""
+
+from musco_core.testing.checks import (
+    CHECKS,
+    DEFAULT_LAYERS,
+    check_compress_keeps_input,
+    check_decomposition,
+    check_flop_count,
+    check_forward_equivalence,
+    check_param_count,
+    check_planted_recovery,
+    check_rank_for_param_count,
+    check_recompression,
+    check_supports_some_layer,
+    check_validate_rank,
+    parametrize_with_checks,
+)
+from musco_core.testing.strategies import (
+    ConvConfig,
+    LinearConfig,
+    add_noise,
+    conv_configs,
+    cp_weight,
+    cp_weights,
+    linear_configs,
+    low_rank_matrices,
+    low_rank_matrix,
+    noisy,
+    seeds,
+    tucker2_weight,
+    tucker2_weights,
+)
+
+__all__ = [
+    "CHECKS", "DEFAULT_LAYERS", "ConvConfig", "LinearConfig", "add_noise",
+    "check_compress_keeps_input", "check_decomposition", "check_flop_count",
+    "check_forward_equivalence", "check_param_count", "check_planted_recovery",
+    "check_rank_for_param_count", "check_recompression", "check_supports_some_layer",
+    "check_validate_rank", "conv_configs", "cp_weight", "cp_weights", "linear_configs",
+    "low_rank_matrices", "low_rank_matrix", "noisy", "seeds", "tucker2_weight",
+    "tucker2_weights",
+]

@@ -1,0 +1,249 @@
+"""Tucker-2 decomposition of kxk conv weights, rebuilt as 1x1 -> kxk -> 1x1 convs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from musco_core import Decomposition, LayerStats
+from musco_std._conv import (
+    check_kxk_conv,
+    factor_kw,
+    in_out_positions,
+    leading_left_vectors,
+    working_dtype,
+)
+
+
+class Tucker2Conv2d(nn.Module):
+    """kxk ``nn.Conv2d`` factorized as ``last(core(first(x)))``.
+
+    ``first``: 1x1 conv ``in -> r_in``; ``core``: kxk conv ``r_in -> r_out`` with the
+    original stride, padding and dilation; ``last``: 1x1 conv ``r_out -> out``
+    with the original bias.
+    """
+
+    def __init__(self, in_channels: int, ranks: tuple[int, int], out_channels: int,
+                 kernel_size, *, stride=1, padding=0, dilation=1, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        r_in, r_out = ranks
+        kw = {"device": device, "dtype": dtype}
+        self.first = nn.Conv2d(in_channels, r_in, 1, bias=False, **kw)
+        self.core = nn.Conv2d(r_in, r_out, kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, bias=False, **kw)
+        self.last = nn.Conv2d(r_out, out_channels, 1, bias=bias, **kw)
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """``(r_in, r_out)``."""
+        return self.core.in_channels, self.core.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+
+def tucker2_hooi(weight: torch.Tensor, rank: tuple[int, int], *, n_iter_max: int = 10,
+                 tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 of a conv weight on its two channel modes by HOOI from an HOSVD start.
+
+    ``weight`` (out, in, kh, kw) is approximated as
+
+    .. math::  W \\approx G \\times_0 U_{out} \\times_1 U_{in},
+               \\quad G \\in \\mathbb{R}^{r_{out} \\times r_{in} \\times k_h \\times k_w}
+
+    with orthonormal ``U_out`` (out x r_out) and ``U_in`` (in x r_in). ``U_out``
+    starts as the leading left singular vectors of the mode-0 unfolding (HOSVD);
+    then each sweep sets ``U_in`` to the leading left singular vectors of
+    ``(W x_0 U_out^T)_(1)`` and ``U_out`` to those of ``(W x_1 U_in^T)_(0)``
+    (higher-order orthogonal iteration). Singular vectors come from Gram
+    matrices (see :func:`~musco_std._conv.leading_left_vectors`). Because the
+    factors are orthonormal, ``|W - W'|^2 = |W|^2 - |G|^2``; iteration stops when
+    the relative error improves by less than ``tol`` or after ``n_iter_max`` sweeps.
+
+    Computed in the weight's precision (float32 for half types) on its device.
+    Returns ``(first, core, last)``: ``first = U_in^T`` (r_in, in), ``core = G``
+    (r_out, r_in, kh, kw) and ``last = U_out`` (out, r_out), in the weight's dtype.
+
+    References
+    ----------
+    L. De Lathauwer, B. De Moor, J. Vandewalle, "On the best rank-1 and rank-(R1, R2,
+    ..., RN) approximation of higher-order tensors", SIAM J. Matrix Anal. Appl. 21 (2000).
+    T. G. Kolda, B. W. Bader, "Tensor decompositions and applications", SIAM Review 51 (2009).
+    Y.-D. Kim et al., "Compression of deep convolutional neural networks for fast and
+    low power mobile applications", ICLR 2016.
+    """
+    r_in, r_out = rank
+    cout, cin, kh, kw = weight.shape
+    w = weight.detach().to(working_dtype(weight)).reshape(cout, cin, kh * kw)
+    k = kh * kw
+    w_oki = w.permute(0, 2, 1).contiguous()  # (out, k, in)
+    w_iko = w.permute(1, 2, 0).contiguous()  # (in, k, out)
+    norm2 = float(torch.linalg.vector_norm(w.to(torch.float64)) ** 2)
+    u_out = leading_left_vectors(w.reshape(cout, cin * k), r_out)  # HOSVD start
+    error = math.inf
+    for _ in range(max(1, n_iter_max)):
+        u_in = leading_left_vectors((w_iko @ u_out).reshape(cin, k * r_out), r_in)
+        z = (w_oki @ u_in).reshape(cout, k * r_in)
+        u_out = leading_left_vectors(z, r_out)
+        core = u_out.T @ z  # (r_out, k * r_in)
+        core_norm2 = float(torch.linalg.vector_norm(core.to(torch.float64)) ** 2)
+        new_error = math.sqrt(max(norm2 - core_norm2, 0.0) / norm2) if norm2 > 0 else 0.0
+        if error - new_error < tol:
+            break
+        error = new_error
+    core = core.reshape(r_out, k, r_in).permute(0, 2, 1).reshape(r_out, r_in, kh, kw)
+    dtype = weight.dtype
+    return u_in.T.to(dtype).contiguous(), core.to(dtype).contiguous(), u_out.to(dtype).contiguous()
+
+
+def tucker2_reconstruct(first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``W' = G x_0 last x_1 first^T``: shape (out, in, kh, kw)."""
+    return torch.einsum("or,rshw,sc->ochw", last, core, first)
+
+
+def _positive_int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name!r} must be an int >= 1, got {value!r}")
+
+
+def _non_negative(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")
+
+
+@attrs.frozen
+class Tucker2Params:
+    #: Maximum number of HOOI sweeps after the HOSVD start.
+    n_iter_max: int = attrs.field(default=10, validator=_positive_int)
+    #: Stop when a sweep improves the relative error by less than this.
+    tol: float = attrs.field(default=1e-6, validator=_non_negative)
+
+
+class Tucker2(Decomposition):
+    """Tucker-2 on the channel modes: ``W ~ G x_0 U_out x_1 U_in`` (Kim et al. 2016).
+
+    Handles kxk ``nn.Conv2d`` (any kernel shape other than 1x1, stride, padding
+    including ``'same'``, dilation, with or without bias; ``groups=1`` and
+    ``padding_mode='zeros'`` only) and its own :class:`Tucker2Conv2d`, which it
+    decomposes again at smaller ranks in a later round. The rank is a tuple
+    ``(r_in, r_out)`` with ``1 <= r_in <= in`` and ``1 <= r_out <= out`` (for a
+    :class:`Tucker2Conv2d`, up to its current ranks).
+
+    Parameters: ``k^2 r_in r_out + in r_in + r_out out (+ out bias)``.
+
+    References
+    ----------
+    Y.-D. Kim et al., "Compression of deep convolutional neural networks for fast and
+    low power mobile applications", ICLR 2016.
+    J. Gusak et al., "Automated multi-stage compression of neural networks", ICCVW 2019
+    (arXiv:1903.09973).
+    """
+
+    name = "tucker2"
+    summary = "Tucker-2 (HOOI) of kxk conv weights -> 1x1, kxk, 1x1 convs"
+    Params = Tucker2Params
+    module_types = (nn.Conv2d, Tucker2Conv2d)
+
+    def check(self, name: str, module: nn.Module) -> None:
+        super().check(name, module)
+        check_kxk_conv(name, module, self.name)
+
+    @staticmethod
+    def _dims(module: nn.Module) -> tuple[int, int, int, bool]:
+        """(in, out, kh * kw, has_bias) of a supported module."""
+        if isinstance(module, Tucker2Conv2d):
+            kh, kw = module.core.kernel_size
+            return (module.first.in_channels, module.last.out_channels, kh * kw,
+                    module.last.bias is not None)
+        kh, kw = module.kernel_size
+        return module.in_channels, module.out_channels, kh * kw, module.bias is not None
+
+    def full_rank(self, module: nn.Module) -> tuple[int, int]:
+        if isinstance(module, Tucker2Conv2d):
+            return module.rank
+        return module.in_channels, module.out_channels
+
+    def param_count(self, module: nn.Module, rank: tuple[int, int]) -> int:
+        n_in, n_out, k, bias = self._dims(module)
+        r_in, r_out = rank
+        return n_in * r_in + k * r_in * r_out + r_out * n_out + (n_out if bias else 0)
+
+    def flop_count(self, module: nn.Module, rank: tuple[int, int], stats: LayerStats) -> int:
+        n_in, n_out, k, _ = self._dims(module)
+        r_in, r_out = rank
+        p_in, p_out = in_out_positions(stats)
+        per_call = 2 * (p_in * n_in * r_in + p_out * (k * r_in * r_out + r_out * n_out))
+        return per_call * stats.calls
+
+    def rank_for_param_count(self, module: nn.Module, budget: float) -> tuple[int, int] | None:
+        """The largest rank ``(floor(t f_in), floor(t f_out))`` within ``budget`` parameters.
+
+        As in MUSCO, the ranks stay proportional to the full ranks
+        ``(f_in, f_out)`` (the channel counts for a plain conv). With
+        ``r = t f``, the parameter count is the quadratic
+        ``k^2 f_in f_out t^2 + (in f_in + out f_out) t + bias``; its positive root
+        ``t*`` is the largest real scale within budget. The integer rank is then
+        the last point of the path ``t -> (max(1, floor(t f_in)), max(1, floor(t f_out)))``
+        around ``t*`` whose count is within budget (checked exactly, so the result
+        is never over budget). ``None`` if even ``(1, 1)`` is over budget.
+        """
+        n_in, n_out, k, bias = self._dims(module)
+        f_in, f_out = self.full_rank(module)
+        a = k * f_in * f_out
+        b = n_in * f_in + n_out * f_out
+        c = (n_out if bias else 0) - budget
+        t_star = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a) if b * b - 4 * a * c >= 0 else 0.0
+
+        def point(t: float) -> tuple[int, int]:
+            return (min(f_in, max(1, math.floor(t * f_in + 1e-9))),
+                    min(f_out, max(1, math.floor(t * f_out + 1e-9))))
+
+        # Breakpoints of the floor path near t*, plus t* itself.
+        ts = {min(t_star, 1.0)}
+        for f in (f_in, f_out):
+            j0 = math.floor(t_star * f)
+            ts.update(j / f for j in range(max(1, j0 - 2), min(f, j0 + 3) + 1))
+        best = None
+        for t in sorted(ts):
+            p = point(t)
+            if self.param_count(module, p) <= budget:
+                best = p if best is None or sum(p) > sum(best) else best
+        if best is None and self.param_count(module, (1, 1)) <= budget:
+            best = (1, 1)
+        return best
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        if isinstance(module, Tucker2Conv2d):
+            r_in, r_out = module.rank
+            return tucker2_reconstruct(module.first.weight.reshape(r_in, -1),
+                                       module.core.weight,
+                                       module.last.weight.reshape(-1, r_out))
+        return module.weight
+
+    def decompose(self, weight: torch.Tensor, rank: tuple[int, int], params: Any = None):
+        params = params if params is not None else Tucker2Params()
+        return tucker2_hooi(weight, tuple(rank), n_iter_max=params.n_iter_max, tol=params.tol)
+
+    def reconstruct(self, factors) -> torch.Tensor:
+        return tucker2_reconstruct(*factors)
+
+    def build(self, module: nn.Module, factors) -> nn.Module:
+        first, core, last = factors
+        n_in, n_out, _, bias = self._dims(module)
+        conv = module.core if isinstance(module, Tucker2Conv2d) else module
+        bias_src = module.last if isinstance(module, Tucker2Conv2d) else module
+        new = Tucker2Conv2d(n_in, (core.shape[1], core.shape[0]), n_out, conv.kernel_size,
+                            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                            bias=bias, **factor_kw(module))
+        with torch.no_grad():
+            new.first.weight.copy_(first.reshape(new.first.weight.shape))
+            new.core.weight.copy_(core)
+            new.last.weight.copy_(last.reshape(new.last.weight.shape))
+            if bias:
+                new.last.bias.copy_(bias_src.bias)
+        return new

@@ -1,0 +1,280 @@
+"""The staged engine: plans, steps, atomicity, module surgery, lifecycle hooks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import musco_core as musco
+from musco_core import CompressionError, RankRule, Registry, Rule, Spec
+from musco_std.svd import SVD, SVDConv1x1, SVDLinear
+
+SVD_RULE = Rule(match=["linear", "conv1x1"], decomposition="svd",
+                rank=RankRule("param_reduction", rate=2.0))
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_end_to_end_svd_in_steps(tiny_resnet, example_inputs):
+    spec = Spec(rules=[SVD_RULE], exclude=["classifier"], layers_per_step=1)
+    original = state(tiny_resnet)
+    compressor = musco.Compressor(tiny_resnet, spec, example_inputs=example_inputs)
+    plan = compressor.plan
+    assert plan.layers == ("layer2.shortcut.0", "fc")
+    assert plan.entry("classifier").status == "excluded"
+    assert plan.entry("layer1.conv1").status == "unmatched"
+    assert len(plan.steps) == 2 and "excluded" in str(plan)
+
+    reports = []
+    while not compressor.done:
+        reports.append(compressor.step())
+    assert [r.layers[0].name for r in reports] == ["layer2.shortcut.0", "fc"]
+    model = compressor.model
+    assert isinstance(model.layer2.shortcut[0], SVDConv1x1)
+    assert isinstance(model.fc, SVDLinear)
+    for layer in (r.layers[0] for r in reports):
+        assert layer.status == "compressed"
+        assert layer.params_after * 2 <= layer.params_before
+        assert 0 < layer.flops_after < layer.flops_before
+        assert 0 <= layer.rel_error < 1
+    assert same_state(state(tiny_resnet), original)  # the caller's model is untouched
+    assert isinstance(tiny_resnet.fc, nn.Linear)
+    assert "fc" in str(reports[-1]) and "2.00x" not in str(reports[0]).splitlines()[0][:5]
+    with pytest.raises(RuntimeError, match="compression is done"):
+        compressor.step()
+
+
+def test_full_rank_model_computes_the_same_function(tiny_resnet, example_inputs):
+    full = {"layer2.shortcut.0": 8, "fc": 16, "classifier": 10}
+    spec = Spec(rules=[Rule(match=["linear", "conv1x1"], decomposition="svd",
+                            rank=RankRule("fixed", ranks=full))])
+    # Full-rank SVD never shrinks a layer, so the engine skips every one and says why.
+    compressor = musco.Compressor(tiny_resnet, spec, example_inputs, progress=False)
+    report = compressor.step()
+    assert not report.compressed and len(report.skipped) == 3
+    assert "would not shrink it" in report.layers[0].reason
+    assert same_state(state(compressor.model), state(tiny_resnet))
+
+
+def test_inplace_and_float64_and_modes_and_hooks_are_kept(tiny_resnet, example_inputs):
+    model = tiny_resnet.double().train()
+    model.classifier.eval()
+    calls = []
+    model.fc.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    spec = Spec(rules=[SVD_RULE], layers_per_step=10)
+    compressor = musco.Compressor(model, spec, example_inputs.double(), inplace=True)
+    assert compressor.model is model
+    compressor.step()
+    assert isinstance(model.fc, SVDLinear) and model.fc.first.weight.dtype == torch.float64
+    assert model.fc.training and not model.classifier.training
+    model(example_inputs.double())
+    assert calls and calls[-1] == (2, 32)
+
+
+def test_two_rounds_recompress_the_factorized_layers(tiny_resnet, example_inputs):
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                            rank=RankRule("param_reduction", rate=1.5))],
+                layers_per_step=5, rounds=2)
+    compressor = musco.Compressor(tiny_resnet, spec, example_inputs)
+    assert compressor.plan.steps == (((1, "fc"), (1, "classifier")), ((2, "fc"), (2, "classifier")))
+    first = compressor.step()
+    second = compressor.step()
+    fc1, fc2 = first.layers[0], second.layers[0]
+    assert fc2.round == 2 and fc2.params_before == fc1.params_after
+    assert fc2.params_after * 1.5 <= fc2.params_before
+    assert isinstance(compressor.model.fc, SVDLinear) and compressor.model.fc.rank == fc2.rank
+
+
+class FailOnThird(SVD):
+    """svd that raises on the third layer it is asked to compress."""
+
+    name = "svd_flaky"
+
+    def __init__(self):
+        self.calls = 0
+
+    def compress(self, module, rank, params):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("boom")
+        return super().compress(module, rank, params)
+
+
+class HookRecorder:
+    def __init__(self):
+        self.events = []
+        self.flaky = FailOnThird()
+
+    @musco.hookimpl
+    def musco_add_decompositions(self, register):
+        register(self.flaky)
+
+    @musco.hookimpl
+    def musco_step_started(self, compressor, step, layers):
+        self.events.append(("started", step, tuple(layers)))
+
+    @musco.hookimpl
+    def musco_step_finished(self, step, report):  # a hook may take fewer arguments
+        self.events.append(("finished", step, len(report.layers)))
+
+    @musco.hookimpl
+    def musco_step_failed(self, compressor, step, error):
+        self.events.append(("failed", step, type(error).__name__))
+
+
+@pytest.fixture
+def recorder():
+    registry = Registry()
+    plugin = HookRecorder()
+    registry.register_plugin(plugin)
+    yield registry, plugin
+    registry.unregister_plugin(plugin)
+
+
+def wide_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+
+
+def test_a_failing_layer_leaves_the_model_bit_identical(recorder):
+    registry, plugin = recorder
+    model = wide_model()
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd_flaky", rank=RankRule("fixed", rank=4))],
+                layers_per_step=4)
+    compressor = musco.Compressor(model, spec, torch.randn(2, 16), registry=registry)
+    before = copy.deepcopy(compressor.model)
+    with pytest.raises(CompressionError) as excinfo:
+        compressor.step()
+    err = excinfo.value
+    assert err.layer == "2" and err.strategy == "decomposition 'svd_flaky'"
+    assert "layer '2' (round 1)" in str(err) and "boom" in str(err) and "unchanged" in str(err)
+    assert same_state(state(compressor.model), state(before))
+    assert all(type(m) is nn.Linear for m in compressor.model)
+    assert compressor.position == 0 and not compressor.done
+    assert plugin.events[-1] == ("failed", 0, "CompressionError")
+    # The step can be retried once the cause is gone.
+    report = compressor.step()
+    assert len(report.compressed) == 4
+
+
+def test_musco_step_started(recorder):
+    registry, plugin = recorder
+    spec = Spec(rules=[SVD_RULE], layers_per_step=3)
+    musco.Compressor(wide_model(), spec, torch.randn(1, 16), registry=registry).step()
+    assert plugin.events[0] == ("started", 0, ("0", "1", "2"))
+
+
+def test_musco_step_finished(recorder):
+    registry, plugin = recorder
+    compressor = musco.Compressor(wide_model(), Spec(rules=[SVD_RULE], layers_per_step=3),
+                                  torch.randn(1, 16), registry=registry)
+    while not compressor.done:
+        compressor.step()
+    assert [e for e in plugin.events if e[0] == "finished"] == [("finished", 0, 3), ("finished", 1, 1)]
+
+
+def test_musco_step_failed(recorder):
+    registry, plugin = recorder
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                            rank=RankRule("fixed", rank=4))])
+    compressor = musco.Compressor(wide_model(), spec, torch.randn(1, 16), registry=registry)
+    compressor.model[1] = nn.Linear(16, 3)  # the layer no longer fits the plan's rank check
+    with pytest.raises(CompressionError, match="layer '1'.*rank rule 'fixed' chose an invalid rank"):
+        compressor.step()
+    assert plugin.events[-1] == ("failed", 0, "CompressionError")
+
+
+def test_shape_check_failure_is_reported_and_atomic():
+    class BadBuild(SVD):
+        name = "svd_bad_build"
+
+        def build(self, module, factors):
+            return nn.Linear(module.in_features, module.out_features + 1)
+
+    class Plugin:
+        @musco.hookimpl
+        def musco_add_decompositions(self, register):
+            register(BadBuild())
+
+    registry = Registry()
+    registry.register_plugin(Plugin())
+    model = wide_model()
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd_bad_build",
+                            rank=RankRule("fixed", rank=2))])
+    compressor = musco.Compressor(model, spec, torch.randn(1, 16), registry=registry)
+    with pytest.raises(CompressionError, match=r"shape check failed.*\(1, 17\), expected \(1, 16\)"):
+        compressor.step()
+    assert all(type(m) is nn.Linear and m.out_features == 16 for m in compressor.model)
+
+
+def test_rank_rule_that_skips_a_layer_is_reported(tiny_resnet, example_inputs):
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                            rank=RankRule("fixed", rank=4, ranks={"classifier": None}))])
+    report = musco.Compressor(tiny_resnet, spec, example_inputs).step()
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["fc"].status == "compressed" and by_name["fc"].rank == 4
+    assert by_name["classifier"].status == "skipped"
+    assert by_name["classifier"].reason == "rank rule left it uncompressed"
+    assert report.to_dict()["layers"][0]["name"] == "fc"
+
+
+def test_rank_limits_round_and_clamp(tiny_resnet, example_inputs):
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                            rank=RankRule("param_reduction", rate=2.0, round_to=4, max_rank=5))])
+    report = musco.Compressor(tiny_resnet, spec, example_inputs).step()
+    by_name = {r.name: r.rank for r in report.layers}
+    # fc: 16 -> 32 with bias, rate 2 -> rank 5 by budget, rounded down to 4.
+    assert by_name["fc"] == 4
+    # classifier: 32 -> 10, budget gives 3, rounding down would give 0 so the floor is round_to.
+    assert by_name["classifier"] == 4
+
+
+def test_example_inputs_as_kwargs_and_shared_layers():
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(12, 12)
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, x, scale=1.0):
+            return self.head(self.shared(self.shared(x)) * scale)
+
+    model = TwoCalls()
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=3))],
+                exclude=["head"])
+    compressor = musco.Compressor(model, spec, {"x": torch.randn(4, 12), "scale": 2.0})
+    assert compressor.stats["shared"].calls == 2
+    report = compressor.step()
+    single = 2 * 4 * 12 * 12
+    assert report.layers[0].flops_before == 2 * single
+
+
+def test_progress_bar_is_shown_on_request(tiny_resnet, example_inputs, capsys):
+    spec = Spec(rules=[SVD_RULE], layers_per_step=5)
+    musco.Compressor(tiny_resnet, spec, example_inputs, progress=True).step()
+    assert "musco step 0" in capsys.readouterr().err
+
+
+def test_layers_that_do_not_run_are_named(example_inputs):
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3 * 16 * 16, 4)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x.flatten(1))
+
+    model = WithSpare()
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=2))])
+    with pytest.raises(musco.SpecError, match="layer 'unused'.*did not run in the forward pass"):
+        musco.Compressor(model, spec, example_inputs)
