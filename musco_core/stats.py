@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -46,6 +47,22 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode for a measurement pass, then restore every submodule's mode.
+
+    Measuring must not change the model: in train mode BatchNorm would update its
+    running statistics and dropout would draw random masks.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def probe_module(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     """Run ``module`` on a zero input of ``input_shape``; return (FLOPs, output shape).
 
@@ -57,7 +74,7 @@ def probe_module(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, 
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros(input_shape, device=device, dtype=dtype)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), eval_mode(module), counter:
         y = module(x)
     out = _first_tensor(y)
     return int(counter.get_total_flops()), tuple(out.shape) if out is not None else ()
@@ -83,7 +100,8 @@ def collect_stats(
 
     ``example_inputs`` is a tensor, a tuple of positional arguments, or a dict of
     keyword arguments. Layers that did not run in the pass are left out of the
-    result. The model's train/eval mode is kept; the pass runs without gradients.
+    result. The pass runs in eval mode without gradients, so the model (BatchNorm
+    statistics included) is not changed; each module's train/eval mode is restored.
     """
     wanted = set(names)
     seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
@@ -102,7 +120,7 @@ def collect_stats(
         if name in wanted:
             handles.append(module.register_forward_hook(make_hook(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             if isinstance(example_inputs, Mapping):
                 model(**example_inputs)
             elif isinstance(example_inputs, tuple):

@@ -278,3 +278,22 @@ def test_layers_that_do_not_run_are_named(example_inputs):
     spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=2))])
     with pytest.raises(musco.SpecError, match="layer 'unused'.*did not run in the forward pass"):
         musco.Compressor(model, spec, example_inputs)
+
+
+def test_measuring_does_not_change_a_model_in_train_mode(tiny_resnet, example_inputs):
+    model = tiny_resnet.train()
+    before = state(model)
+    spec = Spec(rules=[SVD_RULE])
+    compressor = musco.Compressor(model, spec, example_inputs, inplace=True)
+    assert same_state(state(model), before)  # BatchNorm running statistics untouched
+    assert all(m.training for m in model.modules())
+    compressor.step()
+    assert model.bn.num_batches_tracked == 0 and model.training
+
+
+def test_callable_matchers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    spec = Spec(rules=[Rule(match=[lambda name, module: name == "1", "conv1x1"],
+                            decomposition="svd", rank=RankRule("fixed", rank=2))])
+    compressor = musco.Compressor(model, spec, torch.randn(1, 8))
+    assert compressor.plan.layers == ("1",)
