@@ -32,6 +32,7 @@ from musco_core.spec import Decompose, Match, RankRule, Rule, Spec  # noqa: E402
 from musco_core.report import LayerReport, StepReport  # noqa: E402
 from musco_core.plan import Plan, PlanEntry  # noqa: E402
 from musco_core.engine import Compressor  # noqa: E402
+from musco_core.persist import StateFileError, load_compressed  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,6 @@ __all__ = [
     "CompressionError", "Compressor", "Decompose", "Decomposition", "Layer", "LayerReport",
     "LayerStats", "Match", "Matcher", "MuscoError", "NoParams", "Plan", "PlanEntry",
     "PluginError", "Rank", "RankRule", "RankSelector", "Registry", "Rule", "Spec", "SpecError",
-    "StepReport", "Strategy", "UnsupportedLayerError", "available", "default_registry",
-    "hookimpl", "relative_error",
+    "StateFileError", "StepReport", "Strategy", "UnsupportedLayerError", "available", "default_registry",
+    "hookimpl", "load_compressed", "relative_error",
 ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import attrs
 from torch import nn
 
 from musco_core.errors import CompressionError
@@ -18,9 +20,10 @@ from musco_core.plan import (
     resolve_rules,
     select_rank,
 )
+from musco_core.persist import FORMAT, VERSION, atomic_save, load_state_into, read_state, rebuild
 from musco_core.registry import Registry, default_registry
 from musco_core.report import LayerReport, StepReport
-from musco_core.spec import Spec
+from musco_core.spec import Spec, unstructure_params
 from musco_core.stats import LayerStats, collect_stats, param_count, probe_module
 from musco_core.strategies import Layer
 from musco_core.surgery import replace_modules
@@ -63,17 +66,79 @@ class Compressor:
     ):
         if not isinstance(spec, Spec):
             raise TypeError(f"spec must be a musco.Spec, got {type(spec).__name__}")
-        self.registry = registry or default_registry()
-        self.spec = spec
-        self.rules: tuple[ResolvedRule, ...] = resolve_rules(spec, self.registry)
+        self._setup(spec, registry, progress)
         self.model = model if inplace else copy.deepcopy(model)
-        self.progress = sys.stderr.isatty() if progress is None else progress
         self.stats: dict[str, LayerStats] = collect_stats(
             self.model, example_inputs, candidate_layers(self.model)
         )
         self.plan: Plan = build_plan(self.model, spec, self.rules, self.stats)
+
+    def _setup(self, spec: Spec, registry: Registry | None, progress: bool | None) -> None:
+        self.registry = registry or default_registry()
+        self.spec = spec
+        self.rules: tuple[ResolvedRule, ...] = resolve_rules(spec, self.registry)
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self.position = 0
         self.reports: list[StepReport] = []
+        #: Replaced layers in the order they were replaced: name, round, decomposition,
+        #: rank and decomposition parameters. Enough to rebuild the structure.
+        self.manifest: list[dict[str, Any]] = []
+
+    # -- saving and resuming -------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: spec, plan, position, manifest, stats, reports, weights.
+
+        Plain data and tensors only (no pickled classes).
+        """
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": self.spec.to_dict(),
+            "plan": self.plan.to_dict(),
+            "position": self.position,
+            "manifest": copy.deepcopy(self.manifest),
+            "stats": {n: _stats_to_dict(s) for n, s in self.stats.items()},
+            "reports": [r.to_dict() for r in self.reports],
+            "model": self.model.state_dict(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (temporary file, then rename).
+
+        Save after fine-tuning a step: :meth:`resume` continues from here, and
+        :func:`musco_core.load_compressed` rebuilds the compressed model from it.
+        """
+        atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def resume(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        *,
+        progress: bool | None = None,
+        registry: Registry | None = None,
+    ) -> Compressor:
+        """Continue a run saved with :meth:`save`.
+
+        :param model: a fresh instance of the original, uncompressed architecture
+            (it is not modified); the saved replacements are rebuilt on a copy of it
+            and the saved weights loaded.
+        """
+        state = read_state(path)
+        self = cls.__new__(cls)
+        self._setup(Spec.from_dict(state["spec"]), registry, progress)
+        work = copy.deepcopy(model)
+        rebuild(work, state["manifest"], self.registry)
+        load_state_into(work, state["model"], str(path))
+        self.model = work
+        self.plan = Plan.from_dict(state["plan"])
+        self.position = int(state["position"])
+        self.manifest = [dict(e) for e in state["manifest"]]
+        self.stats = {n: _stats_from_dict(d) for n, d in state["stats"].items()}
+        self.reports = [_report_from_dict(r) for r in state["reports"]]
+        return self
 
     @property
     def done(self) -> bool:
@@ -114,6 +179,15 @@ class Compressor:
         except BaseException as exc:
             self.hook.musco_step_failed(compressor=self, step=index, error=exc)
             raise
+        for report in reports:
+            if report.status == "compressed":
+                params = self.rules[self.plan.entry(report.name).rule].decomposition.params
+                self.manifest.append({
+                    "name": report.name, "round": report.round,
+                    "decomposition": report.decomposition,
+                    "rank": list(report.rank) if isinstance(report.rank, tuple) else report.rank,
+                    "params": unstructure_params(params),
+                })
         for name, new in built.items():
             old = self.stats[name]
             flops, _ = probe_module(new, old.input_shape)
@@ -191,3 +265,27 @@ class Compressor:
             flops_after=flops * stats.calls, rel_error=error,
             seconds=time.perf_counter() - started, **base,
         )
+
+
+def _stats_to_dict(stats: LayerStats) -> dict[str, Any]:
+    data = attrs.asdict(stats)
+    data["input_shape"] = list(stats.input_shape)
+    data["output_shape"] = list(stats.output_shape)
+    return data
+
+
+def _stats_from_dict(data: dict[str, Any]) -> LayerStats:
+    return LayerStats(input_shape=tuple(data["input_shape"]),
+                      output_shape=tuple(data["output_shape"]),
+                      params=int(data["params"]), flops=int(data["flops"]),
+                      calls=int(data["calls"]))
+
+
+def _report_from_dict(data: dict[str, Any]) -> StepReport:
+    layers = []
+    for layer in data["layers"]:
+        layer = dict(layer)
+        if isinstance(layer.get("rank"), list):
+            layer["rank"] = tuple(layer["rank"])
+        layers.append(LayerReport(**layer))
+    return StepReport(step=data["step"], layers=tuple(layers), seconds=data["seconds"])

@@ -122,6 +122,15 @@ class Plan:
     entries: tuple[PlanEntry, ...]
     steps: tuple[tuple[tuple[int, str], ...], ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": [attrs.asdict(e) for e in self.entries],
+                "steps": [[[rnd, name] for rnd, name in step] for step in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(entries=tuple(PlanEntry(**e) for e in data["entries"]),
+                   steps=tuple(tuple((int(r), str(n)) for r, n in step) for step in data["steps"]))
+
     def entry(self, name: str) -> PlanEntry:
         for e in self.entries:
             if e.name == name:

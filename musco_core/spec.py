@@ -360,3 +360,8 @@ def format_params_error(exc: BaseException, path: str) -> list[str]:
 def structure_params(params: Mapping[str, Any], cls: type) -> Any:
     """Fill a strategy's ``Params`` class from a spec's parameters (unknown keys are errors)."""
     return _converter.structure(dict(params), cls)
+
+
+def unstructure_params(params: Any) -> dict[str, Any]:
+    """A strategy's ``Params`` instance as the plain dict a spec or manifest holds."""
+    return _plain(_converter.unstructure(params))

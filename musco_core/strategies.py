@@ -143,6 +143,14 @@ class Decomposition(Strategy):
         new = self.build(module, factors)
         return new, relative_error(weight, approx)
 
+    def skeleton(self, module: nn.Module, rank: Rank, params: Any) -> nn.Module:
+        """A module with the structure :meth:`compress` builds at ``rank``; weights arbitrary.
+
+        Used to rebuild a saved compressed model before its weights are loaded.
+        The default runs :meth:`compress`; override it to skip the math.
+        """
+        return self.compress(module, rank, params)[0]
+
     # -- the pure math and the module building ----------------------------------------
 
     def weight(self, module: nn.Module) -> torch.Tensor:

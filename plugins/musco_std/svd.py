@@ -136,6 +136,13 @@ class SVD(Decomposition):
     def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
         return [self.weight(module).detach()]
 
+    def skeleton(self, module: nn.Module, rank: int, params: Any = None) -> nn.Module:
+        n_in, n_out, _ = self._dims(module)
+        ref = self.weight(module)
+        zeros = {"device": ref.device, "dtype": ref.dtype}
+        return self.build(module, (torch.zeros(rank, n_in, **zeros),
+                                   torch.zeros(n_out, rank, **zeros)))
+
     def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
         return svd_factors(weight, rank)
 
