@@ -142,8 +142,26 @@ class Compressor:
 
     @property
     def done(self) -> bool:
-        """Whether every step of the plan has run."""
-        return self.position >= len(self.plan.steps)
+        """Whether every step of every round has run."""
+        return self.position >= len(self.plan.steps) and self.plan.round >= self.spec.rounds
+
+    def _replan_if_new_round(self) -> None:
+        """Plan the next round on the model as it is now, when the next step starts one.
+
+        Later rounds were projected (each rule keeping its layers); planning them for
+        real lets rules match the factorized layers. Raises :class:`SpecError`
+        without changing anything.
+        """
+        steps = self.plan.steps
+        while self.plan.round < self.spec.rounds and (
+            self.position >= len(steps) or steps[self.position][0][0] > self.plan.round
+        ):
+            compressed_by = {e["name"]: e["rule"] for e in self.manifest}
+            rnd = self.plan.round + 1
+            new = build_plan(self.model, self.spec, self.rules, self.stats, rnd, compressed_by)
+            self.plan = Plan(entries=new.entries, steps=steps[: self.position] + new.steps,
+                             round=rnd)
+            steps = self.plan.steps
 
     @property
     def hook(self):
@@ -163,7 +181,12 @@ class Compressor:
                 f"compression is done: all {len(self.plan.steps)} steps have run "
                 "(check compressor.done before calling step())"
             )
+        self._replan_if_new_round()
         index = self.position
+        if index >= len(self.plan.steps):  # the remaining rounds matched no layer
+            report = StepReport(step=index, layers=())
+            self.reports.append(report)
+            return report
         work = self.plan.steps[index]
         self.hook.musco_step_started(compressor=self, step=index, layers=[n for _, n in work])
         started = time.perf_counter()
@@ -184,6 +207,7 @@ class Compressor:
                 params = self.rules[self.plan.entry(report.name).rule].decomposition.params
                 self.manifest.append({
                     "name": report.name, "round": report.round,
+                    "rule": self.plan.entry(report.name).rule,
                     "decomposition": report.decomposition,
                     "rank": list(report.rank) if isinstance(report.rank, tuple) else report.rank,
                     "params": unstructure_params(params),

@@ -34,6 +34,11 @@ class ResolvedRule:
     matchers: tuple[Bound | Callable[[str, nn.Module], bool], ...]
     decomposition: Bound
     rank: Bound
+    #: Rounds the rule applies to; empty means every round.
+    rounds: tuple[int, ...] = ()
+
+    def applies_to(self, rnd: int) -> bool:
+        return not self.rounds or rnd in self.rounds
 
     def matches(self, name: str, module: nn.Module) -> bool:
         for m in self.matchers:
@@ -91,8 +96,13 @@ def resolve_rules(spec: Spec, registry: Registry | None = None) -> tuple[Resolve
         decomposition = _bind(registry, "decompositions", rule.decomposition,
                               f"{base}.decomposition", problems)
         rank = _bind(registry, "rank_rules", rule.rank, f"{base}.rank", problems)
+        for r in rule.rounds:
+            if r > spec.rounds:
+                problems.append(
+                    f"round {r} is after the last round (rounds = {spec.rounds}) @ {base}.rounds"
+                )
         if decomposition and rank and all(m is not None for m in matchers):
-            resolved.append(ResolvedRule(i, tuple(matchers), decomposition, rank))
+            resolved.append(ResolvedRule(i, tuple(matchers), decomposition, rank, rule.rounds))
     if problems:
         raise SpecError(problems)
     return tuple(resolved)
@@ -117,19 +127,28 @@ class PlanEntry:
 
 @attrs.frozen
 class Plan:
-    """Every parameterised leaf layer with its fate, and the steps: tuples of (round, layer)."""
+    """The fate of every layer in one round, and the steps of all rounds as (round, layer) pairs.
+
+    ``entries`` describe round ``round``. Steps of later rounds are projected:
+    the layers each rule compressed, for the rules that apply to that round. When
+    a later round starts, the engine plans it again on the model as it is then,
+    so rules that match factorized layers (the ``factorized`` matcher) take effect.
+    """
 
     entries: tuple[PlanEntry, ...]
     steps: tuple[tuple[tuple[int, str], ...], ...]
+    round: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"entries": [attrs.asdict(e) for e in self.entries],
-                "steps": [[[rnd, name] for rnd, name in step] for step in self.steps]}
+                "steps": [[[rnd, name] for rnd, name in step] for step in self.steps],
+                "round": self.round}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         return cls(entries=tuple(PlanEntry(**e) for e in data["entries"]),
-                   steps=tuple(tuple((int(r), str(n)) for r, n in step) for step in data["steps"]))
+                   steps=tuple(tuple((int(r), str(n)) for r, n in step) for step in data["steps"]),
+                   round=int(data.get("round", 1)))
 
     def entry(self, name: str) -> PlanEntry:
         for e in self.entries:
@@ -139,11 +158,12 @@ class Plan:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        """Names of the layers that will be compressed, in order."""
+        """Names of the layers this round compresses, in order."""
         return tuple(e.name for e in self.entries if e.status == "compress")
 
     def __str__(self) -> str:
-        lines = [f"{len(self.layers)} layer(s) to compress in {len(self.steps)} step(s)"]
+        lines = [f"round {self.round}: {len(self.layers)} layer(s) to compress; "
+                 f"{len(self.steps)} step(s) in all"]
         for i, step in enumerate(self.steps):
             lines.append(f"  step {i}: " + ", ".join(f"{n} (round {r})" for r, n in step))
         for e in self.entries:
@@ -156,10 +176,21 @@ class Plan:
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Leaf-most layers that own parameters, by dotted name, in model order."""
-    out = {}
+    """The layers a rule can match, by dotted name, in model order.
+
+    These are the modules that own parameters, and factorized modules as a whole
+    (modules whose class sets ``musco_decomposition``; their parts are not
+    candidates of their own).
+    """
+    out: dict[str, nn.Module] = {}
+    inside: list[str] = []
     for name, module in model.named_modules():
-        if name and any(True for _ in module.parameters(recurse=False)):
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if getattr(module, "musco_decomposition", None):
+            out[name] = module
+            inside.append(name)
+        elif any(True for _ in module.parameters(recurse=False)):
             out[name] = module
     return out
 
@@ -178,20 +209,28 @@ def build_plan(
     spec: Spec,
     rules: tuple[ResolvedRule, ...],
     stats: Mapping[str, LayerStats],
+    rnd: int = 1,
+    compressed_by: Mapping[str, int] | None = None,
 ) -> Plan:
-    """Decide the fate of every layer and check each chosen layer; raise :class:`SpecError`.
+    """Plan round ``rnd`` on ``model`` as it is; check each chosen layer; raise :class:`SpecError`.
+
+    A layer goes to the first rule that applies to round ``rnd`` and matches it,
+    or that compressed it in an earlier round (``compressed_by``: layer name ->
+    rule index), so a rule keeps its layers from round to round.
 
     Checks, before any layer is touched: exclude patterns that match nothing,
     decompositions asked to handle a layer they do not support, rank-rule
     parameters that name layers the rule does not match, and the rank each rule
     would choose now (valid for the layer's shape).
     """
+    compressed_by = compressed_by or {}
     problems: list[str] = []
     layers = candidate_layers(model)
     all_names = [n for n, _ in model.named_modules() if n]
     for i, pattern in enumerate(spec.exclude):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
             problems.append(f"exclude pattern {pattern!r} matches no layer of the model @ $.exclude[{i}]")
+    active = [r for r in rules if r.applies_to(rnd)]
 
     entries: list[PlanEntry] = []
     by_rule: dict[int, list[Layer]] = {r.index: [] for r in rules}
@@ -201,7 +240,8 @@ def build_plan(
         if pattern is not None:
             entries.append(PlanEntry(name, kind, "excluded", reason=f"matches {pattern!r}"))
             continue
-        rule = next((r for r in rules if r.matches(name, module)), None)
+        rule = next((r for r in active
+                     if compressed_by.get(name) == r.index or r.matches(name, module)), None)
         if rule is None:
             entries.append(PlanEntry(name, kind, "unmatched", reason="no rule matches"))
             continue
@@ -221,9 +261,9 @@ def build_plan(
             continue
         entries.append(PlanEntry(name, kind, "compress", rule=rule.index,
                                  decomposition=rule.decomposition.name, rank_rule=rule.rank.name))
-        by_rule[rule.index].append(Layer(name, module, stats[name]))
+        by_rule[rule.index].append(Layer(name, module, stats[name], rnd))
 
-    for rule in rules:
+    for rule in active:
         selector = rule.rank.strategy
         assert isinstance(selector, RankSelector)
         path = f"$.rules[{rule.index}].rank"
@@ -236,12 +276,14 @@ def build_plan(
     if problems:
         raise SpecError(problems)
 
-    order = [e.name for e in entries if e.status == "compress"]
-    steps = []
-    for rnd in range(1, spec.rounds + 1):
+    steps: list[tuple[tuple[int, str], ...]] = []
+    for later in range(rnd, spec.rounds + 1):
+        # This round as planned; later rounds projected: each rule keeps the layers it has.
+        order = [e.name for e in entries if e.status == "compress"
+                 and any(r.index == e.rule and r.applies_to(later) for r in rules)]
         for k in range(0, len(order), spec.layers_per_step):
-            steps.append(tuple((rnd, n) for n in order[k : k + spec.layers_per_step]))
-    return Plan(entries=tuple(entries), steps=tuple(steps))
+            steps.append(tuple((later, n) for n in order[k : k + spec.layers_per_step]))
+    return Plan(entries=tuple(entries), steps=tuple(steps), round=rnd)
 
 
 def select_rank(rule: ResolvedRule, layer: Layer) -> Rank | None:

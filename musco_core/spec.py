@@ -117,6 +117,10 @@ class Rule:
     ``match`` is any of: a matcher name, a :class:`Match`, a callable
     ``(name, module) -> bool``, or a list of these (a layer matching any of them
     is taken). The first rule that matches a layer decides for it.
+
+    ``rounds`` limits the rule to some rounds (``rounds=[2]``: only round 2);
+    empty means every round. A rule keeps the layers it compressed in later
+    rounds it applies to.
     """
 
     match: tuple[Any, ...] = attrs.field(converter=_to_matches, validator=_check_matches)
@@ -125,6 +129,13 @@ class Rule:
     )
     rank: RankRule = attrs.field(
         converter=_to_ref(RankRule), validator=attrs.validators.instance_of(RankRule)
+    )
+    rounds: tuple[int, ...] = attrs.field(
+        default=(),
+        converter=tuple,
+        validator=attrs.validators.deep_iterable(
+            attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.ge(1))
+        ),
     )
 
 
@@ -316,14 +327,18 @@ _converter.register_structure_hook(
         match=cattrs.gen.override(struct_hook=_structure_matches),
     ),
 )
-_converter.register_unstructure_hook(
-    Rule,
-    lambda rule: {
+def _unstructure_rule(rule: Rule) -> dict[str, Any]:
+    data = {
         "match": [_unstructure_match(m) for m in rule.match],
         "decomposition": _unstructure_ref(rule.decomposition),
         "rank": _unstructure_ref(rule.rank),
-    },
-)
+    }
+    if rule.rounds:
+        data["rounds"] = list(rule.rounds)
+    return data
+
+
+_converter.register_unstructure_hook(Rule, _unstructure_rule)
 _converter.register_unstructure_hook(
     Spec,
     lambda spec: {

@@ -297,3 +297,46 @@ def test_callable_matchers():
                             decomposition="svd", rank=RankRule("fixed", rank=2))])
     compressor = musco.Compressor(model, spec, torch.randn(1, 8))
     assert compressor.plan.layers == ("1",)
+
+
+def test_a_round_two_rule_targets_factorized_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    spec = Spec.from_toml("""
+rounds = 2
+layers_per_step = 5
+exclude = ["4"]
+
+[[rules]]
+match = "linear"
+decomposition = "svd"
+rank = { name = "param_reduction", rate = 1.5 }
+rounds = [1]
+
+[[rules]]
+match = { name = "factorized", by = "svd", pattern = "0" }
+decomposition = "svd"
+rank = { name = "param_reduction", rate = 2.0 }
+rounds = [2]
+""")
+    compressor = musco.Compressor(model, spec, torch.randn(2, 32))
+    # Round 2 cannot be known before round 1 has factorized the layers.
+    assert compressor.plan.steps == (((1, "0"), (1, "2")),)
+    assert not compressor.done
+    first = compressor.step()
+    assert not compressor.done
+    second = compressor.step()
+    assert compressor.done and compressor.plan.round == 2
+    assert [r.name for r in second.layers] == ["0"]
+    assert compressor.plan.entry("2").status == "unmatched"
+    assert second.layers[0].params_after * 2 <= first.layers[0].params_after
+    assert [(e["name"], e["round"], e["rule"]) for e in compressor.manifest] == [
+        ("0", 1, 0), ("2", 1, 0), ("0", 2, 1)]
+
+
+def test_type_matcher():
+    model = nn.Sequential(nn.Conv1d(4, 8, 1), nn.Flatten(), nn.Linear(8 * 5, 2))
+    spec = Spec(rules=[Rule(match=musco.Match("type", name="Linear"), decomposition="svd",
+                            rank=RankRule("fixed", rank=1))])
+    assert musco.Compressor(model, spec, torch.randn(1, 4, 5)).plan.layers == ("2",)

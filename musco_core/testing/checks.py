@@ -122,21 +122,30 @@ def check_forward_equivalence(decomposition: Decomposition, *, layers=None, para
 
 
 def check_planted_recovery(decomposition: Decomposition, *, layers=None, params=None,
-                           planted_rtol: float = 1e-6, **_) -> None:
+                           planted_rtol: float = 1e-6, plant=None, planted_ranks=None,
+                           planted_params=None, **_) -> None:
     """A weight that is exactly of rank ``r`` for this decomposition is recovered at ``r``.
 
-    The planted weight is the decomposition's own reconstruction of a random
-    layer at ``r`` (so the check needs no knowledge of the structure); the layer
-    with that weight is compressed at ``r`` and the reported relative error must
-    be at most ``planted_rtol``. Iterative methods (CP-ALS) may need a looser
-    tolerance than exact ones (SVD, HOOI).
+    By default the planted weight is the decomposition's own reconstruction of a
+    random layer at ``r`` (so the check needs no knowledge of the structure), at
+    ranks 1, about half and full. ``plant(weight_shape, rank, seed) -> weight``
+    plants a structure of your own instead (e.g. :func:`cp_weight`), and
+    ``planted_ranks(decomposition, module) -> ranks`` chooses the ranks and
+    ``planted_params`` the Params of this check only (default ``params``). The layer
+    with the planted weight is compressed at ``r``; the relative error reported
+    by ``compress`` must be at most ``planted_rtol``. Iterative methods (CP-ALS)
+    may need well-conditioned plants, small ranks and a looser tolerance.
     """
-    params = _params(decomposition, params)
+    params = _params(decomposition, planted_params if planted_params is not None else params)
     for name, config, module in _supported(decomposition, layers):
-        for rank in _ranks(decomposition, module):
+        ranks = (planted_ranks or _ranks)(decomposition, module)
+        for seed, rank in enumerate(ranks):
             planted = copy.deepcopy(module)
-            weight = decomposition.weight(module).detach()
-            approx = decomposition.reconstruct(decomposition.decompose(weight, rank, params))
+            if plant is None:
+                weight = decomposition.weight(module).detach()
+                approx = decomposition.reconstruct(decomposition.decompose(weight, rank, params))
+            else:
+                approx = plant(tuple(module.weight.shape), rank, seed)
             with torch.no_grad():
                 planted.weight.copy_(approx.reshape(planted.weight.shape))
             _, error = decomposition.compress(planted, rank, params)
@@ -263,12 +272,15 @@ CHECKS: tuple[Callable[..., None], ...] = (
 def check_decomposition(decomposition: Decomposition, **options) -> None:
     """Run every check in :data:`CHECKS` on ``decomposition``; raise listing all failures.
 
+    A check that raises anything else than :class:`AssertionError` counts as failed.
+
     Options (all keyword): ``layers`` (a dict of name to :class:`ConvConfig` /
     :class:`LinearConfig`, default :data:`DEFAULT_LAYERS`; layers the
     decomposition rejects with :class:`UnsupportedLayerError` are skipped),
     ``params`` (default ``decomposition.Params()``), ``rtol`` (forward
     equivalence, relative to the output norm, default ``1e-10``) and
-    ``planted_rtol`` (planted recovery, default ``1e-6``).
+    ``planted_rtol``, ``plant``, ``planted_ranks`` and ``planted_params`` (planted recovery, see
+    :func:`check_planted_recovery`).
     """
     failures = []
     for check in CHECKS:
@@ -276,6 +288,8 @@ def check_decomposition(decomposition: Decomposition, **options) -> None:
             check(decomposition, **options)
         except AssertionError as exc:
             failures.append(f"{check.__name__}: {exc}")
+        except Exception as exc:  # a crash is a failure too, reported with the others
+            failures.append(f"{check.__name__}: raised {type(exc).__name__}: {exc}")
     if failures:
         raise AssertionError(f"{decomposition!r} fails {len(failures)} check(s):\n"
                              + "\n".join(f"  - {f}" for f in failures))

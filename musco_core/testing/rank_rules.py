@@ -1,4 +1,4 @@
-"""Conformance checks for rank rules: what every :class:`~musco_core.RankSelector` must do.
+"""Test kit for rank rules: conformance checks, and rank rules side by side on a model.
 
 ::
 
@@ -11,6 +11,8 @@
 conv, a 3x3 conv, with planted low-rank-plus-noise weights) for every
 decomposition that accepts them, and raises ``AssertionError`` with a message
 naming the rule, the decomposition and the layer on the first violation.
+:func:`compare_rank_rules` shows the ranks several rules choose for the same
+model, without compressing it.
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ def check_rank_rule(
     :param decompositions: the decompositions to try; default: every one in
         :func:`musco_core.default_registry`. Each is used only on the sample
         layers its :meth:`~musco_core.Decomposition.check` accepts.
-    :returns: ``{(decomposition name, layer name): rank or None}``.
+    :returns: ``{(decomposition name, layer name): rank, None or the ValueError}``
+        (a rule may refuse a layer with a ``ValueError`` whose message starts
+        with ``layer '<name>'``; any other exception fails the check).
 
     Checked: the rule has a name, a summary, an attrs ``Params`` class and a
     valid ``rounding``; ``select`` returns ``None`` or a rank that
@@ -147,7 +151,17 @@ def check_rank_rule(
             where = f"{label} with decomposition {dec.name!r} on {layer.name!r} " \
                     f"({type(layer.module).__name__} {tuple(layer.module.weight.shape)})"
             before = {k: v.clone() for k, v in layer.module.state_dict().items()}
-            rank = rule.select(layer, dec, params)
+            try:
+                rank = rule.select(layer, dec, params)
+            except ValueError as exc:
+                # A rule may refuse a layer or decomposition it cannot rank, with a
+                # message that names the layer (the engine shows it in SpecError).
+                text = str(exc)
+                assert text.startswith(f"layer {layer.name!r}"), (
+                    f"{where}: ValueError must start with \"layer {layer.name!r}\", got {text!r}"
+                )
+                chosen[(dec.name, layer.name)] = exc
+                continue
             for k, v in layer.module.state_dict().items():
                 assert torch.equal(v, before[k]), f"{where}: select() changed {k!r}"
             twin = Layer(layer.name, copy.deepcopy(layer.module), layer.stats, layer.round)
@@ -173,3 +187,87 @@ def check_rank_rule(
                             f"{where}: {limited!r} below {limits!r}"
                         )
     return chosen
+
+
+@attrs.frozen
+class RankComparison:
+    """Ranks several rank rules choose for the same layers; ``str()`` is a table.
+
+    ``rows`` holds one dict per layer: ``layer``, ``params`` (now) and, per rule
+    label, ``(rank, params after)`` (``(None, params)`` where the rule leaves the
+    layer as it is).
+    """
+
+    labels: tuple[str, ...]
+    rows: tuple[dict[str, Any], ...]
+
+    def rank(self, layer: str, label: str) -> Any:
+        """The rank ``label`` chose for ``layer``."""
+        for row in self.rows:
+            if row["layer"] == layer:
+                return row[label][0]
+        raise KeyError(layer)
+
+    def __str__(self) -> str:
+        head = ["layer", "params"] + [f"{label}: rank (params)" for label in self.labels]
+        body = [[row["layer"], str(row["params"])]
+                + [f"{row[lb][0]!r} ({row[lb][1]})" for lb in self.labels] for row in self.rows]
+        total = ["total", str(sum(r["params"] for r in self.rows))] + [
+            f"({sum(r[lb][1] for r in self.rows)})" for lb in self.labels]
+        table = [head] + body + [total]
+        widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+                         for line in table)
+
+
+def compare_rank_rules(
+    model: nn.Module,
+    example_inputs: Any,
+    rank_rules: Iterable[Any],
+    *,
+    match: Any = ("linear", "conv1x1"),
+    decomposition: Any = "svd",
+    exclude: Iterable[str] = (),
+    registry: Any = None,
+) -> RankComparison:
+    """The rank each of ``rank_rules`` gives each matched layer of ``model``; nothing is compressed.
+
+    ``rank_rules`` are :class:`~musco_core.RankRule` objects or rule names
+    (labelled by name, with ``#2``... for repeats). ``match``, ``decomposition``
+    and ``exclude`` are as in a :class:`~musco_core.Rule` / :class:`~musco_core.Spec`.
+    The spec of each rule is validated exactly as :class:`~musco_core.Compressor`
+    does, so errors are the same :class:`~musco_core.SpecError`. Ranks include the
+    rule's ``round_to`` / ``min_rank`` / ``max_rank``. ::
+
+        print(compare_rank_rules(model, x, [RankRule("vbmf"), RankRule("energy", fraction=0.95)]))
+    """
+    from musco_core.plan import build_plan, candidate_layers, resolve_rules, select_rank
+    from musco_core.registry import default_registry
+    from musco_core.spec import RankRule, Rule, Spec
+    from musco_core.stats import collect_stats
+
+    registry = registry or default_registry()
+    refs = [r if isinstance(r, RankRule) else RankRule(r) for r in rank_rules]
+    labels: list[str] = []
+    for ref in refs:
+        label, k = ref.name, 1
+        while label in labels:
+            k += 1
+            label = f"{ref.name}#{k}"
+        labels.append(label)
+    stats = collect_stats(model, example_inputs, candidate_layers(model))
+    rows: dict[str, dict[str, Any]] = {}
+    for label, ref in zip(labels, refs):
+        spec = Spec(rules=[Rule(match=match, decomposition=decomposition, rank=ref)],
+                    exclude=tuple(exclude))
+        rules = resolve_rules(spec, registry)
+        plan = build_plan(model, spec, rules, stats)
+        rule = rules[0]
+        dec = rule.decomposition.strategy
+        for name in plan.layers:
+            module = model.get_submodule(name)
+            row = rows.setdefault(name, {"layer": name, "params": stats[name].params})
+            rank = select_rank(rule, Layer(name, module, stats[name]))
+            after = dec.param_count(module, rank) if rank is not None else stats[name].params
+            row[label] = (rank, after)
+    return RankComparison(labels=tuple(labels), rows=tuple(rows.values()))

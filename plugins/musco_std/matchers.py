@@ -82,4 +82,56 @@ class RegexMatcher(Matcher):
         return re.search(params.pattern, name) is not None
 
 
-MATCHERS = (LinearMatcher(), Conv1x1Matcher(), ConvKxKMatcher(), GlobMatcher(), RegexMatcher())
+def _optional_str(instance, attribute, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{attribute.name!r} must be a string or None, got {value!r}")
+
+
+@attrs.frozen
+class FactorizedParams:
+    #: Only layers factorized by this decomposition family (``"svd"``, ``"tucker2"`` ...).
+    by: str | None = attrs.field(default=None, validator=_optional_str)
+    #: Only layers whose dotted name matches this glob pattern.
+    pattern: str | None = attrs.field(default=None, validator=_optional_str)
+
+
+class FactorizedMatcher(Matcher):
+    """Layers that a decomposition already factorized (for rules of a later round).
+
+    A factorized module class names its family in ``musco_decomposition``;
+    ``by`` selects a family and ``pattern`` a part of the model, so a spec can
+    say "round 2: only the Tucker-2 layers of layer4".
+    """
+
+    name = "factorized"
+    summary = "layers already factorized (optionally by=decomposition, pattern=glob)"
+    Params = FactorizedParams
+
+    def matches(self, name, module, params) -> bool:
+        family = getattr(module, "musco_decomposition", None)
+        if not family or (params.by is not None and family != params.by):
+            return False
+        return params.pattern is None or fnmatch.fnmatchcase(name, params.pattern)
+
+
+@attrs.frozen
+class TypeParams:
+    #: A class name; matches instances of that class or of a subclass (``"Conv2d"``).
+    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+
+
+class TypeMatcher(Matcher):
+    """Layers whose class, or one of its base classes, has the given name."""
+
+    name = "type"
+    summary = "layers of a class (or subclass) by class name, e.g. name='Conv1d'"
+    Params = TypeParams
+
+    def matches(self, name, module, params) -> bool:
+        return any(cls.__name__ == params.name for cls in type(module).__mro__)
+
+
+MATCHERS = (
+    LinearMatcher(), Conv1x1Matcher(), ConvKxKMatcher(), GlobMatcher(), RegexMatcher(),
+    FactorizedMatcher(), TypeMatcher(),
+)

@@ -14,6 +14,9 @@ from musco_core import Decomposition, LayerStats, UnsupportedLayerError
 class SVDLinear(nn.Module):
     """``nn.Linear`` factorized as ``second(first(x))``: in -> rank -> out, bias on ``second``."""
 
+    #: Marks a factorized layer for the engine and the ``factorized`` matcher.
+    musco_decomposition = "svd"
+
     def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
@@ -30,6 +33,8 @@ class SVDLinear(nn.Module):
 
 class SVDConv1x1(nn.Module):
     """1x1 ``nn.Conv2d`` factorized as two 1x1 convs: in -> rank (stride, padding) -> out (bias)."""
+
+    musco_decomposition = "svd"
 
     def __init__(self, in_channels: int, rank: int, out_channels: int, *, stride=1, padding=0,
                  dilation=1, padding_mode: str = "zeros", bias: bool = True, device=None,
