@@ -224,6 +224,41 @@ class Compressor:
         self.hook.musco_step_finished(compressor=self, step=index, report=report)
         return report
 
+    def preview(self) -> list[LayerReport]:
+        """What the current round would do, without changing anything.
+
+        One :class:`LayerReport` per planned layer with status ``"planned"``: the
+        rank the rule chooses now and the decomposition's parameter and FLOP
+        counts at that rank (nothing is decomposed, so there is no error), or
+        ``"skipped"`` with the reason.
+        """
+        rows = []
+        for name in self.plan.layers:
+            entry = self.plan.entry(name)
+            rule = self.rules[entry.rule]
+            decomposition = rule.decomposition.strategy
+            module = self.model.get_submodule(name)
+            stats = self.stats[name]
+            base = {"name": name, "round": self.plan.round, "decomposition": entry.decomposition,
+                    "rank_rule": entry.rank_rule, "params_before": stats.params,
+                    "flops_before": stats.flops}
+            rank = select_rank(rule, Layer(name, module, stats, self.plan.round))
+            if rank is None:
+                rows.append(LayerReport(status="skipped", reason="rank rule left it uncompressed",
+                                        **base))
+                continue
+            params = decomposition.param_count(module, rank)
+            if params >= stats.params:
+                rows.append(LayerReport(
+                    status="skipped", rank=rank,
+                    reason=f"rank {rank} would not shrink it ({params} >= {stats.params} params)",
+                    **base))
+                continue
+            rows.append(LayerReport(status="planned", rank=rank, params_after=params,
+                                    flops_after=decomposition.flop_count(module, rank, stats),
+                                    **base))
+        return rows
+
     def _progress(self, work, index):
         if not self.progress or len(work) < 2:
             return work

@@ -22,7 +22,8 @@ def _ratio(before: int, after: int) -> str:
 class LayerReport:
     """What happened to one layer in one step.
 
-    ``status`` is ``"compressed"`` or ``"skipped"`` (then ``reason`` says why).
+    ``status`` is ``"compressed"``, ``"skipped"`` (then ``reason`` says why) or
+    ``"planned"`` (a preview: ranks and counts, nothing decomposed).
     ``flops`` are for the example inputs, counted by PyTorch. ``rel_error`` is
     ``|W - W'|_F / |W|_F`` of the layer's weight.
     """
@@ -55,7 +56,7 @@ def format_table(layers: list[LayerReport] | tuple[LayerReport, ...]) -> str:
     """A fixed-width text table of layer reports."""
     rows = []
     for r in layers:
-        if r.status == "compressed":
+        if r.status in ("compressed", "planned"):
             params = f"{_fmt_count(r.params_before)} -> {_fmt_count(r.params_after)}"
             flops = f"{_fmt_count(r.flops_before)} -> {_fmt_count(r.flops_after)}"
             err = f"{r.rel_error:.4f}" if r.rel_error is not None else "-"

@@ -1,0 +1,198 @@
+"""The ``musco`` command: list plugins, preview a plan, compress, inspect a saved run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.musco"
+REPORT_FILE = "report.json"
+
+
+class CLIError(Exception):
+    """A problem with the command's arguments or inputs, shown as one line."""
+
+
+def _load_model(spec: str):
+    """``package.module:factory`` (called with no arguments) or a file saved with torch.save(model)."""
+    import torch
+    from torch import nn
+
+    if ":" in spec and not Path(spec).exists():
+        module_name, _, attr = spec.partition(":")
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules beside you import
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise CLIError(f"cannot import {module_name!r} for MODEL {spec!r}: {exc}") from None
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise CLIError(f"{module_name!r} has no attribute {attr!r} (MODEL {spec!r})")
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise CLIError(f"MODEL {spec!r} is neither package.module:factory nor a file")
+        # A whole pickled model: this runs code from the file, so only use trusted files.
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"MODEL {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 1,3,224,224, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 1,3,224,224, got {text!r}")
+    return shape
+
+
+def _compressor(args):
+    import torch
+
+    import musco_core as musco
+
+    model = _load_model(args.model)
+    spec = musco.Spec.load(args.spec)
+    return musco.Compressor(model, spec, example_inputs=torch.zeros(args.input_shape),
+                            progress=not args.quiet)
+
+
+def cmd_plugins(args) -> None:
+    import musco_core as musco
+
+    table = musco.available()
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    for kind, rows in table.items():
+        print(f"{kind}:")
+        for row in rows:
+            aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+            print(f"  {row['name']:<18} {row['distribution'] or '-':<14} {row['summary']}{aliases}")
+
+
+def cmd_plan(args) -> None:
+    from musco_core.report import format_table
+
+    compressor = _compressor(args)
+    print(compressor.plan)
+    print()
+    print(format_table(compressor.preview()))
+
+
+def cmd_compress(args) -> None:
+    import musco_core as musco
+
+    out = Path(args.output)
+    state = out / STATE_FILE
+    if state.exists():
+        compressor = musco.Compressor.resume(state, _load_model(args.model), progress=not args.quiet)
+        if compressor.spec != musco.Spec.load(args.spec):
+            raise CLIError(f"{out} holds a run with a different spec; choose another -o")
+        print(f"resuming {state} at step {compressor.position}", file=sys.stderr)
+    else:
+        compressor = _compressor(args)
+    steps = 0
+    while not compressor.done and (args.steps is None or steps < args.steps):
+        report = compressor.step()
+        steps += 1
+        if not args.quiet:
+            print(report)
+        compressor.save(state)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(json.dumps(
+        {"position": compressor.position, "done": compressor.done,
+         "steps": [r.to_dict() for r in compressor.reports]}, indent=2))
+    left = "done" if compressor.done else f"{len(compressor.plan.steps) - compressor.position} step(s) left"
+    print(f"{steps} step(s) run, {left}; state in {state}", file=sys.stderr)
+
+
+def cmd_inspect(args) -> None:
+    from musco_core.persist import read_state
+
+    path = Path(args.path)
+    state = read_state(path / STATE_FILE if path.is_dir() else path)
+    manifest = state["manifest"]
+    steps = state["plan"]["steps"]
+    print(f"position {state['position']} of {len(steps)} step(s), planned through round "
+          f"{state['plan'].get('round', 1)} of {state['spec'].get('rounds', 1)}")
+    print(f"{len(manifest)} replacement(s):")
+    for e in manifest:
+        rank = "x".join(map(str, e["rank"])) if isinstance(e["rank"], list) else e["rank"]
+        print(f"  round {e['round']}  {e['name']:<40} {e['decomposition']:<10} rank {rank}")
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for report in state["reports"]:
+        for layer in report["layers"]:
+            if layer["status"] == "compressed":
+                first.setdefault(layer["name"], layer["params_before"])
+                last[layer["name"]] = layer["params_after"]
+    if first:
+        before, after = sum(first.values()), sum(last.values())
+        print(f"compressed layers: {before} -> {after} parameters ({before / max(after, 1):.2f}x)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musco", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list strategies and the distributions providing them")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_plugins)
+
+    for name, help_text, run in (
+        ("plan", "show which layer gets what, with ranks, params and FLOPs; changes nothing",
+         cmd_plan),
+        ("compress", "compress (all steps, or --steps N) and save the state to -o DIR",
+         cmd_compress),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", metavar="MODEL",
+                       help="package.module:factory (called with no arguments) or a file "
+                            "saved with torch.save(model)")
+        p.add_argument("--spec", required=True, help="spec file (.toml, .yaml or .json)")
+        p.add_argument("--input-shape", type=_input_shape, required=True,
+                       help="shape of the example input, e.g. 1,3,224,224")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress or tables")
+        if name == "compress":
+            p.add_argument("-o", "--output", required=True, help="output directory")
+            p.add_argument("--steps", type=int, default=None,
+                           help="run at most N steps now; run again to continue")
+        p.set_defaults(run=run)
+
+    p = sub.add_parser("inspect", help="summarise a directory or state file from 'compress'")
+    p.add_argument("path")
+    p.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from musco_core.errors import MuscoError
+
+    try:
+        args.run(args)
+    except (CLIError, MuscoError, FileNotFoundError) as exc:
+        message = str(exc).replace("\n", "\n  ")
+        print(f"musco {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def console_main() -> Any:
+    """Entry point of the ``musco`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
