@@ -21,7 +21,7 @@ from torch import nn
 
 from musco_core.errors import UnsupportedLayerError
 from musco_core.stats import LayerStats, param_count, probe_module
-from musco_core.strategies import Decomposition, rank_tuple, relative_error
+from musco_core.strategies import Decomposition, rank_tuple
 from musco_core.testing.strategies import ConvConfig, LinearConfig
 
 __all__ = [
@@ -98,6 +98,24 @@ def _stats(config, module: nn.Module) -> LayerStats:
 # -- the checks -------------------------------------------------------------------------
 
 
+def _one_thread(check):
+    """Run ``check`` with one intra-op thread (restored after): the layers are tiny, and
+    thread start-up and spinning dominate on small or busy machines."""
+
+    @functools.wraps(check)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return check(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+
+@_one_thread
 def check_supports_some_layer(decomposition: Decomposition, *, layers=None, **_) -> None:
     """The decomposition accepts at least one of the layers (else nothing is tested)."""
     names = ", ".join(layers or DEFAULT_LAYERS)
@@ -105,6 +123,7 @@ def check_supports_some_layer(decomposition: Decomposition, *, layers=None, **_)
         f"{decomposition!r} accepts none of the test layers ({names}); pass layers=")
 
 
+@_one_thread
 def check_forward_equivalence(decomposition: Decomposition, *, layers=None, params=None,
                               rtol: float = 1e-10, **_) -> None:
     """The built module computes the dense layer with the reconstructed weight (float64)."""
@@ -121,6 +140,7 @@ def check_forward_equivalence(decomposition: Decomposition, *, layers=None, para
                               f"{decomposition.name} on {name!r} at rank {rank!r}")
 
 
+@_one_thread
 def check_planted_recovery(decomposition: Decomposition, *, layers=None, params=None,
                            planted_rtol: float = 1e-6, plant=None, planted_ranks=None,
                            planted_params=None, **_) -> None:
@@ -154,6 +174,7 @@ def check_planted_recovery(decomposition: Decomposition, *, layers=None, params=
                 f"relative error {error:.3g} > {planted_rtol:g}")
 
 
+@_one_thread
 def check_param_count(decomposition: Decomposition, *, layers=None, params=None, **_) -> None:
     """``param_count`` equals the parameter count of the built module."""
     params = _params(decomposition, params)
@@ -165,6 +186,7 @@ def check_param_count(decomposition: Decomposition, *, layers=None, params=None,
                                  f"param_count says {got}, the built module has {want}")
 
 
+@_one_thread
 def check_flop_count(decomposition: Decomposition, *, layers=None, params=None, **_) -> None:
     """``flop_count`` equals what ``FlopCounterMode`` counts for the built module."""
     params = _params(decomposition, params)
@@ -178,6 +200,7 @@ def check_flop_count(decomposition: Decomposition, *, layers=None, params=None, 
                                  f"flop_count says {got}, FlopCounterMode counts {want}")
 
 
+@_one_thread
 def check_validate_rank(decomposition: Decomposition, *, layers=None, **_) -> None:
     """``validate_rank`` accepts 1 and the full rank, rejects 0 and anything above full."""
     for name, config, module in _supported(decomposition, layers):
@@ -197,6 +220,7 @@ def check_validate_rank(decomposition: Decomposition, *, layers=None, **_) -> No
                 f"(full rank {decomposition.full_rank(module)!r})")
 
 
+@_one_thread
 def check_compress_keeps_input(decomposition: Decomposition, *, layers=None, params=None,
                                **_) -> None:
     """``compress`` leaves the input module's parameters, mode and type unchanged."""
@@ -213,6 +237,7 @@ def check_compress_keeps_input(decomposition: Decomposition, *, layers=None, par
                 f"{decomposition.name} on {name!r}: compress modified {k!r} of its input")
 
 
+@_one_thread
 def check_rank_for_param_count(decomposition: Decomposition, *, layers=None, **_) -> None:
     """``rank_for_param_count`` gives a valid rank within budget, or ``None`` below rank 1."""
     for name, config, module in _supported(decomposition, layers):
@@ -234,6 +259,7 @@ def check_rank_for_param_count(decomposition: Decomposition, *, layers=None, **_
                                      f"{count} params, over the budget {budget:g}")
 
 
+@_one_thread
 def check_recompression(decomposition: Decomposition, *, layers=None, params=None,
                         rtol: float = 1e-10, **_) -> None:
     """If the decomposition accepts its own output, a second round at a smaller rank works.

@@ -81,13 +81,14 @@ def leading_left_vectors(x: torch.Tensor, rank: int) -> torch.Tensor:
     """The ``rank`` leading left singular vectors of the matrix ``x`` (m x n), as (m, rank).
 
     Computed from the Gram matrix ``x x^T`` (m x m) with a symmetric
-    eigendecomposition in float64 when ``m <= n``, which is several times faster
-    than an SVD of the wide matrix; otherwise by a thin SVD.
+    eigendecomposition (in ``x``'s precision) when ``m <= n``, which is several times
+    faster than an SVD of the wide matrix. Squaring the singular values costs
+    accuracy only in the trailing vectors, which a truncation drops; otherwise by an SVD (a full one when
+    ``rank > n``, so that the result always has ``rank`` orthonormal columns).
     """
     m, n = x.shape
     if m <= n:
-        gram = (x @ x.T).to(torch.float64)
-        _, vecs = torch.linalg.eigh(gram)
-        return vecs[:, -rank:].flip(-1).to(x.dtype)
-    u, _, _ = torch.linalg.svd(x, full_matrices=False)
+        _, vecs = torch.linalg.eigh(x @ x.T)
+        return vecs[:, -rank:].flip(-1)
+    u, _, _ = torch.linalg.svd(x, full_matrices=rank > n)
     return u[:, :rank]

@@ -5,12 +5,15 @@ from __future__ import annotations
 from musco_core import hookimpl
 from musco_std.matchers import MATCHERS
 from musco_std.rank_rules import RANK_RULES
+from musco_std.cp import CP3, CP4
 from musco_std.svd import SVD
+from musco_std.tucker2 import Tucker2
 
 
 @hookimpl
 def musco_add_decompositions(register):
-    register(SVD())
+    for decomposition in (SVD(), Tucker2(), CP3(), CP4()):
+        register(decomposition)
 
 
 @hookimpl

@@ -9,7 +9,7 @@ import attrs
 import torch
 from torch import nn
 
-from musco_core import Decomposition, LayerStats
+from musco_core import Decomposition, LayerStats, relative_error
 from musco_std._conv import (
     check_kxk_conv,
     factor_kw,
@@ -26,6 +26,9 @@ class Tucker2Conv2d(nn.Module):
     original stride, padding and dilation; ``last``: 1x1 conv ``r_out -> out``
     with the original bias.
     """
+
+    #: Marks a factorized layer for the engine and the ``factorized`` matcher.
+    musco_decomposition = "tucker2"
 
     def __init__(self, in_channels: int, ranks: tuple[int, int], out_channels: int,
                  kernel_size, *, stride=1, padding=0, dilation=1, bias: bool = True,
@@ -48,7 +51,7 @@ class Tucker2Conv2d(nn.Module):
 
 
 def tucker2_hooi(weight: torch.Tensor, rank: tuple[int, int], *, n_iter_max: int = 10,
-                 tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tucker-2 of a conv weight on its two channel modes by HOOI from an HOSVD start.
 
     ``weight`` (out, in, kh, kw) is approximated as
@@ -63,7 +66,8 @@ def tucker2_hooi(weight: torch.Tensor, rank: tuple[int, int], *, n_iter_max: int
     (higher-order orthogonal iteration). Singular vectors come from Gram
     matrices (see :func:`~musco_std._conv.leading_left_vectors`). Because the
     factors are orthonormal, ``|W - W'|^2 = |W|^2 - |G|^2``; iteration stops when
-    the relative error improves by less than ``tol`` or after ``n_iter_max`` sweeps.
+    the relative error improves by less than ``tol`` (checked from the third sweep on,
+    as tensorly's ``partial_tucker`` does) or after ``n_iter_max`` sweeps.
 
     Computed in the weight's precision (float32 for half types) on its device.
     Returns ``(first, core, last)``: ``first = U_in^T`` (r_in, in), ``core = G``
@@ -86,14 +90,14 @@ def tucker2_hooi(weight: torch.Tensor, rank: tuple[int, int], *, n_iter_max: int
     norm2 = float(torch.linalg.vector_norm(w.to(torch.float64)) ** 2)
     u_out = leading_left_vectors(w.reshape(cout, cin * k), r_out)  # HOSVD start
     error = math.inf
-    for _ in range(max(1, n_iter_max)):
+    for sweep in range(max(1, n_iter_max)):
         u_in = leading_left_vectors((w_iko @ u_out).reshape(cin, k * r_out), r_in)
         z = (w_oki @ u_in).reshape(cout, k * r_in)
         u_out = leading_left_vectors(z, r_out)
         core = u_out.T @ z  # (r_out, k * r_in)
         core_norm2 = float(torch.linalg.vector_norm(core.to(torch.float64)) ** 2)
         new_error = math.sqrt(max(norm2 - core_norm2, 0.0) / norm2) if norm2 > 0 else 0.0
-        if error - new_error < tol:
+        if sweep >= 2 and error - new_error < tol:
             break
         error = new_error
     core = core.reshape(r_out, k, r_in).permute(0, 2, 1).reshape(r_out, r_in, kh, kw)
@@ -120,8 +124,9 @@ def _non_negative(instance, attribute, value) -> None:
 class Tucker2Params:
     #: Maximum number of HOOI sweeps after the HOSVD start.
     n_iter_max: int = attrs.field(default=10, validator=_positive_int)
-    #: Stop when a sweep improves the relative error by less than this.
-    tol: float = attrs.field(default=1e-6, validator=_non_negative)
+    #: Stop when a sweep improves the relative error by less than this (tensorly's
+    #: ``partial_tucker`` rule and default).
+    tol: float = attrs.field(default=1e-4, validator=_non_negative)
 
 
 class Tucker2(Decomposition):
@@ -224,6 +229,34 @@ class Tucker2(Decomposition):
                                        module.core.weight,
                                        module.last.weight.reshape(-1, r_out))
         return module.weight
+
+    def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
+        """Mode-1 (in x out*kh*kw) and mode-0 (out x in*kh*kw) unfoldings: for r_in, r_out."""
+        w = self.weight(module).detach()
+        return [w.transpose(0, 1).reshape(w.shape[1], -1), w.reshape(w.shape[0], -1)]
+
+    def compress(self, module: nn.Module, rank: tuple[int, int], params: Any) -> tuple[nn.Module, float]:
+        """As the base class for a conv; for a :class:`Tucker2Conv2d`, decompose its core only.
+
+        With ``last = Q_L T_L`` and ``first^T = Q_F T_F`` (thin QR), the dense weight
+        is ``(G x_0 T_L x_1 T_F) x_0 Q_L x_1 Q_F`` with orthonormal ``Q``s, so HOOI
+        on the small ``(r_out, r_in, kh, kw)`` tensor ``G x_0 T_L x_1 T_F`` is HOOI on
+        the dense weight (same error), and its new 1x1 factors fold into ``Q_L``
+        and ``Q_F``. The layer stays three convs and the dense weight is never formed.
+        """
+        if not isinstance(module, Tucker2Conv2d):
+            return super().compress(module, rank, params)
+        params = params if params is not None else Tucker2Params()
+        r_in, r_out = module.rank
+        first = module.first.weight.detach().reshape(r_in, -1)
+        last = module.last.weight.detach().reshape(-1, r_out)
+        q_l, t_l = torch.linalg.qr(last)
+        q_f, t_f = torch.linalg.qr(first.T)
+        small = tucker2_reconstruct(t_f.T, module.core.weight.detach(), t_l)
+        f2, core, l2 = tucker2_hooi(small, tuple(rank), n_iter_max=params.n_iter_max,
+                                    tol=params.tol)
+        error = relative_error(small, tucker2_reconstruct(f2, core, l2))
+        return self.build(module, (f2 @ q_f.T, core, q_l @ l2)), error
 
     def decompose(self, weight: torch.Tensor, rank: tuple[int, int], params: Any = None):
         params = params if params is not None else Tucker2Params()
