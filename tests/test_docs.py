@@ -20,7 +20,8 @@ def blocks(path: Path, lang: str) -> list[str]:
     return [code for kind, code in FENCE.findall(path.read_text()) if kind == lang]
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/user-guide.md", "docs/plugin-guide.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/user-guide.md", "docs/plugin-guide.md",
+                                  "docs/migrating-from-musco-pytorch.md"])
 def test_python_blocks_run_as_written(page, capsys):
     namespace: dict = {"__name__": "__docs__"}
     for code in blocks(ROOT / page, "python"):
