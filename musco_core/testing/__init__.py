@@ -1,4 +1,8 @@
-"""Public test kit for plugin authors: hypothesis strategies and decomposition conformance checks.
+"""Public test kit for plugin authors: hypothesis strategies and conformance checks.
+
+Decompositions: :func:`check_decomposition`, :func:`parametrize_with_checks`.
+Rank rules: :func:`check_rank_rule`, and :func:`compare_rank_rules` to compare
+a new rule with another (say ``vbmf``) on the same model.
 
 ::
 
@@ -28,6 +32,7 @@ from musco_core.testing.checks import (
     check_validate_rank,
     parametrize_with_checks,
 )
+from musco_core.testing.rank_rules import RankComparison, check_rank_rule, compare_rank_rules
 from musco_core.testing.strategies import (
     ConvConfig,
     LinearConfig,
@@ -45,10 +50,11 @@ from musco_core.testing.strategies import (
 )
 
 __all__ = [
-    "CHECKS", "DEFAULT_LAYERS", "ConvConfig", "LinearConfig", "add_noise",
+    "CHECKS", "DEFAULT_LAYERS", "ConvConfig", "LinearConfig", "RankComparison", "add_noise",
     "check_compress_keeps_input", "check_decomposition", "check_flop_count",
     "check_forward_equivalence", "check_param_count", "check_planted_recovery",
-    "check_rank_for_param_count", "check_recompression", "check_supports_some_layer",
+    "check_rank_for_param_count", "check_rank_rule", "check_recompression",
+    "check_supports_some_layer", "compare_rank_rules",
     "check_validate_rank", "conv_configs", "cp_weight", "cp_weights", "linear_configs",
     "low_rank_matrices", "low_rank_matrix", "noisy", "seeds", "tucker2_weight",
     "tucker2_weights",

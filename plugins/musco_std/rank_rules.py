@@ -112,12 +112,27 @@ def _rates_mapping(instance, attribute, value) -> None:
             raise ValueError(f"rates[{layer!r}] must be a number > 1 or None, got {rate!r}")
 
 
+def _mapping(name: str):
+    """Converter for a per-layer mapping field: a dict copy, or a TypeError naming the field."""
+
+    def convert(value: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name!r} must be a mapping of layer name to value, got {value!r}")
+        for layer in value:
+            if not isinstance(layer, str):
+                raise TypeError(f"{name!r} keys must be layer names (str), got {layer!r}")
+        return dict(value)
+
+    return convert
+
+
 @attrs.frozen
 class ParamReductionParams:
     #: Target: the factorized layer has at most ``1/rate`` of the current layer's parameters.
     rate: float = attrs.field(default=2.0, validator=_rate)
     #: Per-layer rates by dotted name; ``None`` leaves that layer uncompressed.
-    rates: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, validator=_rates_mapping)
+    rates: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping("rates"),
+                                           validator=_rates_mapping)
 
 
 class ParamReduction(RankSelector):
@@ -140,20 +155,6 @@ class ParamReduction(RankSelector):
         if rate is None:
             return None
         return decomposition.rank_for_param_count(layer.module, param_count(layer.module) / rate)
-
-
-def _mapping(name: str):
-    """Converter for a per-layer mapping field: a dict copy, or a TypeError naming the field."""
-
-    def convert(value: Any) -> dict[str, Any]:
-        if not isinstance(value, Mapping):
-            raise TypeError(f"{name!r} must be a mapping of layer name to value, got {value!r}")
-        for layer in value:
-            if not isinstance(layer, str):
-                raise TypeError(f"{name!r} keys must be layer names (str), got {layer!r}")
-        return dict(value)
-
-    return convert
 
 
 def _number(value: Any) -> bool:
@@ -200,7 +201,14 @@ class FlopReduction(RankSelector):
 
 def _spectral_matrices(layer, decomposition) -> tuple[list, tuple[int, ...]]:
     """``decomposition.rank_matrices`` of the layer, one per component of its full rank."""
-    matrices = decomposition.rank_matrices(layer.module)
+    try:
+        matrices = decomposition.rank_matrices(layer.module)
+    except NotImplementedError:
+        raise ValueError(
+            f"layer {layer.name!r}: decomposition {decomposition.name!r} does not provide "
+            f"rank_matrices, which spectrum-based rank rules (vbmf, energy) need; use "
+            f"param_reduction, flop_reduction or fixed with it"
+        ) from None
     full = rank_tuple(decomposition.full_rank(layer.module))
     if len(matrices) != len(full):
         raise ValueError(
