@@ -92,3 +92,15 @@ def leading_left_vectors(x: torch.Tensor, rank: int) -> torch.Tensor:
         return vecs[:, -rank:].flip(-1)
     u, _, _ = torch.linalg.svd(x, full_matrices=rank > n)
     return u[:, :rank]
+
+
+def positive_int(instance, attribute, value) -> None:
+    """attrs validator: an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name!r} must be an int >= 1, got {value!r}")
+
+
+def non_negative(instance, attribute, value) -> None:
+    """attrs validator: a number >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")

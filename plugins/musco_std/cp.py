@@ -14,6 +14,8 @@ from musco_std._conv import (
     check_kxk_conv,
     factor_kw,
     in_out_positions,
+    non_negative,
+    positive_int,
     same_padding,
     spatial,
     working_dtype,
@@ -280,16 +282,6 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float
 # -- the strategies ---------------------------------------------------------------------
 
 
-def _positive_int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name!r} must be an int >= 1, got {value!r}")
-
-
-def _non_negative(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")
-
-
 def _int(instance, attribute, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{attribute.name!r} must be an int, got {value!r}")
@@ -298,9 +290,9 @@ def _int(instance, attribute, value) -> None:
 @attrs.frozen
 class CPParams:
     #: Maximum number of ALS sweeps.
-    n_iter_max: int = attrs.field(default=100, validator=_positive_int)
+    n_iter_max: int = attrs.field(default=100, validator=positive_int)
     #: Stop when a sweep improves the relative error by less than this.
-    tol: float = attrs.field(default=1e-8, validator=_non_negative)
+    tol: float = attrs.field(default=1e-8, validator=non_negative)
     #: Seed of the random start columns (only used when the rank exceeds a mode's size
     #: and is below the number of slices; the result is deterministic for a seed).
     random_state: int = attrs.field(default=0, validator=_int)

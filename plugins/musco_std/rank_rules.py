@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -100,16 +100,32 @@ class Fixed(RankSelector):
         return params.rank
 
 
-def _rate(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
-        raise ValueError(f"{attribute.name!r} must be a number > 1, got {value!r}")
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and np.isfinite(value)
 
 
-def _rates_mapping(instance, attribute, value) -> None:
-    for layer, rate in value.items():
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
-                                 or not rate > 1):
-            raise ValueError(f"rates[{layer!r}] must be a number > 1 or None, got {rate!r}")
+def _per_layer(ok: Callable[[Any], bool], valid: str):
+    """Validators for a rule's global value and its per-layer mapping, with one wording.
+
+    The mapping's values may also be ``None`` (leave that layer uncompressed).
+    """
+
+    def scalar(instance, attribute, value) -> None:
+        if not ok(value):
+            raise ValueError(f"{attribute.name!r} must be {valid}, got {value!r}")
+
+    def mapping(instance, attribute, value) -> None:
+        for layer, v in value.items():
+            if v is not None and not ok(v):
+                raise ValueError(
+                    f"{attribute.name}[{layer!r}] must be {valid} or None (do not compress), "
+                    f"got {v!r}"
+                )
+
+    return scalar, mapping
+
+
+_rate, _rates_mapping = _per_layer(lambda v: _number(v) and v > 1, "a number > 1")
 
 
 def _mapping(name: str):
@@ -127,15 +143,39 @@ def _mapping(name: str):
 
 
 @attrs.frozen
-class ParamReductionParams:
-    #: Target: the factorized layer has at most ``1/rate`` of the current layer's parameters.
+class ReductionParams:
+    #: Target: the factorized layer has at most ``1/rate`` of the current layer's
+    #: parameters (``param_reduction``) or FLOPs (``flop_reduction``).
     rate: float = attrs.field(default=2.0, validator=_rate)
     #: Per-layer rates by dotted name; ``None`` leaves that layer uncompressed.
     rates: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping("rates"),
                                            validator=_rates_mapping)
 
 
-class ParamReduction(RankSelector):
+#: The names the two rules' Params were published under.
+ParamReductionParams = FlopReductionParams = ReductionParams
+
+
+class _Reduction(RankSelector):
+    """The largest rank within ``1/rate`` of the layer's current cost (see :meth:`rank_within`)."""
+
+    Params = ReductionParams
+    rounding = "down"
+
+    def problems(self, params: ReductionParams, layers) -> list[str]:
+        return _unknown_layers(params.rates, layers)
+
+    def select(self, layer, decomposition, params: ReductionParams):
+        rate = params.rates.get(layer.name, params.rate)
+        if rate is None:
+            return None
+        return self.rank_within(layer, decomposition, rate)
+
+    def rank_within(self, layer, decomposition, rate: float):
+        raise NotImplementedError
+
+
+class ParamReduction(_Reduction):
     """The largest rank whose factorized layer has at most ``1/rate`` of the layer's parameters.
 
     The rate is relative to the layer as it is now: in a later round, to the
@@ -144,33 +184,12 @@ class ParamReduction(RankSelector):
 
     name = "param_reduction"
     summary = "largest rank with at most 1/rate of the layer's parameters"
-    Params = ParamReductionParams
-    rounding = "down"
 
-    def problems(self, params: ParamReductionParams, layers) -> list[str]:
-        return _unknown_layers(params.rates, layers)
-
-    def select(self, layer, decomposition, params: ParamReductionParams):
-        rate = params.rates.get(layer.name, params.rate)
-        if rate is None:
-            return None
+    def rank_within(self, layer, decomposition, rate: float):
         return decomposition.rank_for_param_count(layer.module, param_count(layer.module) / rate)
 
 
-def _number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and np.isfinite(value)
-
-
-@attrs.frozen
-class FlopReductionParams:
-    #: Target: the factorized layer needs at most ``1/rate`` of the current layer's FLOPs.
-    rate: float = attrs.field(default=2.0, validator=_rate)
-    #: Per-layer rates by dotted name; ``None`` leaves that layer uncompressed.
-    rates: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping("rates"),
-                                           validator=_rates_mapping)
-
-
-class FlopReduction(RankSelector):
+class FlopReduction(_Reduction):
     """The largest rank whose factorized layer needs at most ``1/rate`` of the layer's FLOPs.
 
     FLOPs are those recorded for the example inputs (``layer.stats.flops``, all
@@ -180,16 +199,8 @@ class FlopReduction(RankSelector):
 
     name = "flop_reduction"
     summary = "largest rank with at most 1/rate of the layer's FLOPs"
-    Params = FlopReductionParams
-    rounding = "down"
 
-    def problems(self, params: FlopReductionParams, layers) -> list[str]:
-        return _unknown_layers(params.rates, layers)
-
-    def select(self, layer, decomposition, params: FlopReductionParams):
-        rate = params.rates.get(layer.name, params.rate)
-        if rate is None:
-            return None
+    def rank_within(self, layer, decomposition, rate: float):
         flops = layer.stats.flops
         if flops <= 0:
             raise ValueError(
@@ -222,21 +233,10 @@ def _as_rank_of(values: list[int]) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _weakening(instance, attribute, value) -> None:
-    if not _number(value) or not 0 <= value <= 1:
-        raise ValueError(
-            f"{attribute.name!r} must be a number in [0, 1] (1 keeps the EVBMF rank, "
-            f"0 the full rank), got {value!r}"
-        )
-
-
-def _weakenings_mapping(instance, attribute, value) -> None:
-    for layer, w in value.items():
-        if w is not None and (not _number(w) or not 0 <= w <= 1):
-            raise ValueError(
-                f"weakenings[{layer!r}] must be a number in [0, 1] or None "
-                f"(do not compress), got {w!r}"
-            )
+_weakening, _weakenings_mapping = _per_layer(
+    lambda v: _number(v) and 0 <= v <= 1,
+    "a number in [0, 1] (1 keeps the EVBMF rank, 0 the full rank)",
+)
 
 
 @attrs.frozen
@@ -291,21 +291,9 @@ def energy_rank(s2: np.ndarray, fraction: float) -> int:
     return min(len(s2), int(np.count_nonzero(cum < fraction * total)) + 1)
 
 
-def _fraction(instance, attribute, value) -> None:
-    if not _number(value) or not 0 < value <= 1:
-        raise ValueError(
-            f"{attribute.name!r} must be a number in (0, 1] (the share of spectral energy "
-            f"to keep), got {value!r}"
-        )
-
-
-def _fractions_mapping(instance, attribute, value) -> None:
-    for layer, f in value.items():
-        if f is not None and (not _number(f) or not 0 < f <= 1):
-            raise ValueError(
-                f"fractions[{layer!r}] must be a number in (0, 1] or None "
-                f"(do not compress), got {f!r}"
-            )
+_fraction, _fractions_mapping = _per_layer(
+    lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1] (the share of spectral energy to keep)"
+)
 
 
 @attrs.frozen

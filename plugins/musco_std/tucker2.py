@@ -15,6 +15,8 @@ from musco_std._conv import (
     factor_kw,
     in_out_positions,
     leading_left_vectors,
+    non_negative,
+    positive_int,
     working_dtype,
 )
 
@@ -110,23 +112,13 @@ def tucker2_reconstruct(first: torch.Tensor, core: torch.Tensor, last: torch.Ten
     return torch.einsum("or,rshw,sc->ochw", last, core, first)
 
 
-def _positive_int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name!r} must be an int >= 1, got {value!r}")
-
-
-def _non_negative(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")
-
-
 @attrs.frozen
 class Tucker2Params:
     #: Maximum number of HOOI sweeps after the HOSVD start.
-    n_iter_max: int = attrs.field(default=10, validator=_positive_int)
+    n_iter_max: int = attrs.field(default=10, validator=positive_int)
     #: Stop when a sweep improves the relative error by less than this (tensorly's
     #: ``partial_tucker`` rule and default).
-    tol: float = attrs.field(default=1e-4, validator=_non_negative)
+    tol: float = attrs.field(default=1e-4, validator=non_negative)
 
 
 class Tucker2(Decomposition):
