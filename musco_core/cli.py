@@ -109,9 +109,11 @@ def cmd_compress(args) -> None:
             print(report)
         compressor.save(state)
     out.mkdir(parents=True, exist_ok=True)
+    run = compressor.report()
     (out / REPORT_FILE).write_text(json.dumps(
-        {"position": compressor.position, "done": compressor.done,
-         "steps": [r.to_dict() for r in compressor.reports]}, indent=2))
+        {"position": compressor.position, "done": compressor.done, **run.to_dict()}, indent=2))
+    if not args.quiet:
+        print(run)
     left = "done" if compressor.done else f"{len(compressor.plan.steps) - compressor.position} step(s) left"
     print(f"{steps} step(s) run, {left}; state in {state}", file=sys.stderr)
 

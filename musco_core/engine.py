@@ -22,7 +22,7 @@ from musco_core.plan import (
 )
 from musco_core.persist import FORMAT, VERSION, atomic_save, load_state_into, read_state, rebuild
 from musco_core.registry import Registry, default_registry
-from musco_core.report import LayerReport, StepReport
+from musco_core.report import LayerReport, RunReport, StepReport
 from musco_core.spec import Spec, unstructure_params
 from musco_core.stats import LayerStats, collect_stats, param_count, probe_module
 from musco_core.strategies import Layer
@@ -72,6 +72,7 @@ class Compressor:
             self.model, example_inputs, candidate_layers(self.model)
         )
         self.plan: Plan = build_plan(self.model, spec, self.rules, self.stats)
+        self.model_params_before = param_count(self.model)
 
     def _setup(self, spec: Spec, registry: Registry | None, progress: bool | None) -> None:
         self.registry = registry or default_registry()
@@ -100,6 +101,7 @@ class Compressor:
             "manifest": copy.deepcopy(self.manifest),
             "stats": {n: _stats_to_dict(s) for n, s in self.stats.items()},
             "reports": [r.to_dict() for r in self.reports],
+            "model_params_before": self.model_params_before,
             "model": self.model.state_dict(),
         }
 
@@ -138,7 +140,13 @@ class Compressor:
         self.manifest = [dict(e) for e in state["manifest"]]
         self.stats = {n: _stats_from_dict(d) for n, d in state["stats"].items()}
         self.reports = [_report_from_dict(r) for r in state["reports"]]
+        self.model_params_before = int(state.get("model_params_before", param_count(model)))
         return self
+
+    def report(self) -> RunReport:
+        """The whole run so far: every step's report and the totals (see :class:`RunReport`)."""
+        return RunReport(steps=tuple(self.reports), model_params_before=self.model_params_before,
+                         model_params_after=param_count(self.model))
 
     @property
     def done(self) -> bool:

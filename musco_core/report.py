@@ -104,3 +104,55 @@ class StepReport:
                 f"FLOPs {_fmt_count(fbefore)} -> {_fmt_count(fafter)} ({_ratio(fbefore, fafter)}) "
                 f"in {self.seconds:.2f}s")
         return head + "\n" + format_table(self.layers)
+
+
+@attrs.frozen
+class RunReport:
+    """The whole run so far: every step, and per layer its first and latest state.
+
+    ``model_params_before`` / ``model_params_after`` count the whole model's
+    parameters; the layer totals cover the compressed layers only.
+    """
+
+    steps: tuple[StepReport, ...]
+    model_params_before: int
+    model_params_after: int
+
+    @property
+    def layers(self) -> dict[str, tuple[LayerReport, LayerReport]]:
+        """``{name: (first report, latest report)}`` of every layer compressed at least once."""
+        out: dict[str, tuple[LayerReport, LayerReport]] = {}
+        for step in self.steps:
+            for r in step.compressed:
+                out[r.name] = (out[r.name][0] if r.name in out else r, r)
+        return out
+
+    def totals(self) -> dict[str, int]:
+        layers = self.layers.values()
+        return {
+            "params_before": sum(first.params_before for first, _ in layers),
+            "params_after": sum(last.params_after for _, last in layers),
+            "flops_before": sum(first.flops_before for first, _ in layers),
+            "flops_after": sum(last.flops_after for _, last in layers),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_params_before": self.model_params_before,
+                "model_params_after": self.model_params_after,
+                "compressed_layers": self.totals(),
+                "steps": [s.to_dict() for s in self.steps]}
+
+    def __str__(self) -> str:
+        t = self.totals()
+        lines = [
+            f"{len(self.steps)} step(s), {len(self.layers)} layer(s) compressed",
+            f"model params {_fmt_count(self.model_params_before)} -> "
+            f"{_fmt_count(self.model_params_after)} "
+            f"({_ratio(self.model_params_before, self.model_params_after)})",
+            f"compressed layers: params {_fmt_count(t['params_before'])} -> "
+            f"{_fmt_count(t['params_after'])} ({_ratio(t['params_before'], t['params_after'])}), "
+            f"FLOPs {_fmt_count(t['flops_before'])} -> {_fmt_count(t['flops_after'])} "
+            f"({_ratio(t['flops_before'], t['flops_after'])})",
+        ]
+        latest = [last for _, last in self.layers.values()]
+        return "\n".join(lines) + "\n" + format_table(latest)

@@ -340,3 +340,29 @@ def test_type_matcher():
     spec = Spec(rules=[Rule(match=musco.Match("type", name="Linear"), decomposition="svd",
                             rank=RankRule("fixed", rank=1))])
     assert musco.Compressor(model, spec, torch.randn(1, 4, 5)).plan.layers == ("2",)
+
+
+def test_two_rounds_of_tucker2_keep_three_convs_and_report_the_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    spec = Spec(rules=[Rule(match="conv_kxk", decomposition="tucker2",
+                            rank=RankRule("param_reduction", rate=1.5))],
+                layers_per_step=2, rounds=2, exclude=["0"])
+    x = torch.randn(2, 8, 12, 12)
+    compressor = musco.Compressor(model, spec, x)
+    first = compressor.step()
+    second = compressor.step()
+    assert compressor.done
+    layer = compressor.model[2]
+    assert type(layer).__name__ == "Tucker2Conv2d"
+    assert [type(m).__name__ for m in layer.children()] == ["Conv2d"] * 3
+    r1, r2 = first.layers[0], second.layers[0]
+    assert r2.params_before == r1.params_after and r2.params_after * 1.5 <= r2.params_before
+    run = compressor.report()
+    assert run.totals()["params_before"] == r1.params_before
+    assert run.totals()["params_after"] == r2.params_after
+    assert run.model_params_after < run.model_params_before
+    assert "1 layer(s) compressed" in str(run)
+    assert run.to_dict()["compressed_layers"]["flops_after"] == r2.flops_after
