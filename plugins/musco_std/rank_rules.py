@@ -156,23 +156,36 @@ class ReductionParams:
 ParamReductionParams = FlopReductionParams = ReductionParams
 
 
-class _Reduction(RankSelector):
-    """The largest rank within ``1/rate`` of the layer's current cost (see :meth:`rank_within`)."""
+class _PerLayer(RankSelector):
+    """A rule driven by one value (``field``) with per-layer overrides (``mapping``).
+
+    A layer's value comes from the mapping if it is listed there, else from the
+    global field; ``None`` leaves the layer uncompressed. Mapping keys must be
+    layers the rule matches.
+    """
+
+    field = ""
+    mapping = ""
+
+    def problems(self, params, layers) -> list[str]:
+        return _unknown_layers(getattr(params, self.mapping), layers)
+
+    def select(self, layer, decomposition, params):
+        value = getattr(params, self.mapping).get(layer.name, getattr(params, self.field))
+        if value is None:
+            return None
+        return self.rank_for(layer, decomposition, value)
+
+    def rank_for(self, layer, decomposition, value):
+        raise NotImplementedError
+
+
+class _Reduction(_PerLayer):
+    """The largest rank within ``1/rate`` of the layer's current cost."""
 
     Params = ReductionParams
     rounding = "down"
-
-    def problems(self, params: ReductionParams, layers) -> list[str]:
-        return _unknown_layers(params.rates, layers)
-
-    def select(self, layer, decomposition, params: ReductionParams):
-        rate = params.rates.get(layer.name, params.rate)
-        if rate is None:
-            return None
-        return self.rank_within(layer, decomposition, rate)
-
-    def rank_within(self, layer, decomposition, rate: float):
-        raise NotImplementedError
+    field, mapping = "rate", "rates"
 
 
 class ParamReduction(_Reduction):
@@ -185,7 +198,7 @@ class ParamReduction(_Reduction):
     name = "param_reduction"
     summary = "largest rank with at most 1/rate of the layer's parameters"
 
-    def rank_within(self, layer, decomposition, rate: float):
+    def rank_for(self, layer, decomposition, rate: float):
         return decomposition.rank_for_param_count(layer.module, param_count(layer.module) / rate)
 
 
@@ -200,7 +213,7 @@ class FlopReduction(_Reduction):
     name = "flop_reduction"
     summary = "largest rank with at most 1/rate of the layer's FLOPs"
 
-    def rank_within(self, layer, decomposition, rate: float):
+    def rank_for(self, layer, decomposition, rate: float):
         flops = layer.stats.flops
         if flops <= 0:
             raise ValueError(
@@ -250,7 +263,7 @@ class VBMFParams:
     )
 
 
-class VBMF(RankSelector):
+class VBMF(_PerLayer):
     """EVBMF rank of each of the decomposition's rank matrices, weakened towards the full rank.
 
     For each matrix ``Y_i`` of ``decomposition.rank_matrices(module)`` (SVD: the
@@ -266,14 +279,9 @@ class VBMF(RankSelector):
     summary = "EVBMF rank of each rank matrix, weakened: int(full - w*(full - r))"
     Params = VBMFParams
     rounding = "up"
+    field, mapping = "weakening", "weakenings"
 
-    def problems(self, params: VBMFParams, layers) -> list[str]:
-        return _unknown_layers(params.weakenings, layers)
-
-    def select(self, layer, decomposition, params: VBMFParams):
-        w = params.weakenings.get(layer.name, params.weakening)
-        if w is None:
-            return None
+    def rank_for(self, layer, decomposition, w: float):
         matrices, full = _spectral_matrices(layer, decomposition)
         ranks = []
         for matrix, f in zip(matrices, full):
@@ -306,7 +314,7 @@ class EnergyParams:
     )
 
 
-class Energy(RankSelector):
+class Energy(_PerLayer):
     """Smallest rank keeping ``fraction`` of the spectral energy of each rank matrix.
 
     For each matrix of ``decomposition.rank_matrices(module)`` with singular
@@ -319,14 +327,9 @@ class Energy(RankSelector):
     summary = "smallest rank keeping a fraction of the spectral energy"
     Params = EnergyParams
     rounding = "up"
+    field, mapping = "fraction", "fractions"
 
-    def problems(self, params: EnergyParams, layers) -> list[str]:
-        return _unknown_layers(params.fractions, layers)
-
-    def select(self, layer, decomposition, params: EnergyParams):
-        fraction = params.fractions.get(layer.name, params.fraction)
-        if fraction is None:
-            return None
+    def rank_for(self, layer, decomposition, fraction: float):
         matrices, full = _spectral_matrices(layer, decomposition)
         ranks = [min(f, energy_rank(squared_singular_values(m), fraction))
                  for m, f in zip(matrices, full)]
