@@ -104,23 +104,34 @@ def collect_stats(
     statistics included) is not changed; each module's train/eval mode is restored.
     """
     wanted = set(names)
-    seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
+    started: dict[str, list[int]] = {}
+    counter = FlopCounterMode(display=False)
     handles = []
 
-    def make_hook(layer_name: str):
+    # FLOPs of one call = the counter's total after the call minus before it, so every
+    # layer is measured in place, with the inputs it really gets (integer indices for an
+    # embedding, several arguments for attention): nothing is re-run on made-up inputs.
+    def make_hooks(layer_name: str):
+        def pre_hook(_module, _args):
+            started.setdefault(layer_name, []).append(counter.get_total_flops())
+
         def hook(_module, args, output):
+            flops = counter.get_total_flops() - started[layer_name].pop()
             x = _first_tensor(args)
             y = _first_tensor(output)
             if x is not None and y is not None:
-                seen.setdefault(layer_name, []).append((tuple(x.shape), tuple(y.shape)))
+                seen.setdefault(layer_name, []).append((tuple(x.shape), tuple(y.shape), flops))
 
-        return hook
+        return pre_hook, hook
 
     for name, module in model.named_modules():
         if name in wanted:
-            handles.append(module.register_forward_hook(make_hook(name)))
+            pre_hook, hook = make_hooks(name)
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), counter:
             if isinstance(example_inputs, Mapping):
                 model(**example_inputs)
             elif isinstance(example_inputs, tuple):
@@ -134,14 +145,12 @@ def collect_stats(
     modules = dict(model.named_modules())
     stats = {}
     for name, calls in seen.items():
-        in_shape, out_shape = calls[0]
-        module = modules[name]
-        flops = sum(probe_module(module, s_in)[0] for s_in, _ in calls)
+        in_shape, out_shape, _ = calls[0]
         stats[name] = LayerStats(
             input_shape=in_shape,
             output_shape=out_shape,
-            params=param_count(module),
-            flops=flops,
+            params=param_count(modules[name]),
+            flops=int(sum(c[2] for c in calls)),
             calls=len(calls),
         )
     return stats

@@ -366,3 +366,28 @@ def test_two_rounds_of_tucker2_keep_three_convs_and_report_the_run():
     assert run.model_params_after < run.model_params_before
     assert "1 layer(s) compressed" in str(run)
     assert run.to_dict()["compressed_layers"]["flops_after"] == r2.flops_after
+
+
+def test_models_with_embeddings_and_attention_are_measured_in_place():
+    class TextModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.proj = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, tokens):
+            h = self.embed(tokens)
+            h, _ = self.attn(h, h, h)
+            return self.head(torch.relu(self.proj(h)))
+
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=4))],
+                exclude=["attn"])  # its out_proj is used through F.multi_head_attention_forward
+    tokens = torch.randint(0, 50, (2, 7))
+    compressor = musco.Compressor(TextModel(), spec, tokens)
+    assert compressor.stats["embed"].input_shape == (2, 7)
+    assert compressor.stats["proj"].flops == 2 * 2 * 7 * 16 * 16
+    assert compressor.plan.layers == ("proj", "head")
+    compressor.step()
+    assert compressor.model(tokens).shape == (2, 7, 3)

@@ -40,6 +40,7 @@ from musco_std.rank_rules import (
     energy_rank,
 )
 from musco_std.svd import SVD
+from musco_std.tucker2 import Tucker2
 from musco_std.vbmf import evbmf_rank, weaken
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "rank-rules.md"
@@ -525,3 +526,39 @@ def test_rank_rules_doc_code_blocks_run():
     for i, block in enumerate(blocks):
         exec(compile(block, f"{DOC.name}[block {i}]", "exec"), namespace)
     assert "stable_rank" in namespace["registry"].names("rank_rules")
+
+
+def test_vbmf_compresses_factorized_layers_again_in_round_two():
+    """Round 2 analyses the factorized layer's core, whose spectrum still shows the noise."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
+    with torch.no_grad():
+        planted = torch.randn(128, 8, generator=g) @ torch.randn(8, 64, generator=g)
+        model[0].weight.copy_(planted + 0.05 * torch.randn(128, 64, generator=g))
+    spec = musco.Spec(rules=[musco.Rule(match="linear", decomposition="svd",
+                                        rank=musco.RankRule("vbmf", weakening=0.5))],
+                      rounds=2)
+    compressor = musco.Compressor(model, spec, torch.randn(2, 64))
+    first, second = compressor.step(), compressor.step()
+    r1, r2 = first.layers[0], second.layers[0]
+    assert r1.status == "compressed" and r2.status == "compressed", r2.reason
+    assert 8 <= r2.rank < r1.rank
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (SVD(), nn.Linear(40, 60), 12),
+    lambda: (Tucker2(), nn.Conv2d(16, 24, 3), (6, 8)),
+])
+def test_rank_matrices_of_factorized_layers_keep_the_nonzero_spectrum(make):
+    torch.manual_seed(0)
+    decomposition, layer, rank = make()
+    new, _ = decomposition.compress(layer, rank, decomposition.Params())
+    dense = decomposition.weight(new).detach()
+    unfoldings = [dense.reshape(dense.shape[0], -1)]
+    if dense.dim() == 4:
+        unfoldings = [dense.transpose(0, 1).reshape(dense.shape[1], -1)] + unfoldings
+    for matrix, unfolding, r in zip(decomposition.rank_matrices(new), unfoldings,
+                                    rank if isinstance(rank, tuple) else (rank,)):
+        assert min(matrix.shape) == r
+        expected = torch.linalg.svdvals(unfolding.double())[:r]
+        assert torch.allclose(torch.linalg.svdvals(matrix.double()), expected, rtol=1e-4)

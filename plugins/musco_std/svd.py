@@ -139,7 +139,22 @@ class SVD(Decomposition):
         return module.second.weight.reshape(n_out, module.rank) @ first
 
     def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
-        return [self.weight(module).detach()]
+        """The weight matrix; for a factorized layer, its r x r core.
+
+        ``W = B A`` has rank ``r``, so its spectrum ends in exact zeros and a
+        spectrum-based rule (EVBMF) would see no noise and keep ``r``. With
+        ``A^T = Q_a R_a`` and ``B = Q_b R_b``, ``W = Q_b (R_b R_a^T) Q_a^T``: the core
+        ``R_b R_a^T`` carries the same non-zero singular values in an r x r matrix, as
+        MUSCO analyses the core of an already compressed layer in later rounds.
+        """
+        if not isinstance(module, (SVDLinear, SVDConv1x1)):
+            return [self.weight(module).detach()]
+        n_in, n_out, _ = self._dims(module)
+        a = module.first.weight.detach().reshape(module.rank, n_in)
+        b = module.second.weight.detach().reshape(n_out, module.rank)
+        r_a = torch.linalg.qr(a.T, mode="r").R
+        r_b = torch.linalg.qr(b, mode="r").R
+        return [r_b @ r_a.T]
 
     def skeleton(self, module: nn.Module, rank: int, params: Any = None) -> nn.Module:
         n_in, n_out, _ = self._dims(module)

@@ -223,7 +223,23 @@ class Tucker2(Decomposition):
         return module.weight
 
     def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
-        """Mode-1 (in x out*kh*kw) and mode-0 (out x in*kh*kw) unfoldings: for r_in, r_out."""
+        """Mode-1 (in x out*kh*kw) and mode-0 (out x in*kh*kw) unfoldings: for r_in, r_out.
+
+        For a :class:`Tucker2Conv2d` the unfoldings of its core instead, made
+        independent of the outer factors' scaling: with ``first^T = Q_f R_f`` and
+        ``last = Q_l R_l``, ``W = G' x_0 Q_l x_1 Q_f`` where ``G' = G x_0 R_l x_1 R_f``;
+        the unfoldings of ``G'`` have the same non-zero singular values as the
+        weight's, without the exact zeros that would hide the noise from EVBMF
+        (MUSCO applies VBMF to the core in later rounds).
+        """
+        if isinstance(module, Tucker2Conv2d):
+            r_in, r_out = module.rank
+            first = module.first.weight.detach().reshape(r_in, -1)
+            last = module.last.weight.detach().reshape(module.last.weight.shape[0], r_out)
+            r_f = torch.linalg.qr(first.T, mode="r").R
+            r_l = torch.linalg.qr(last, mode="r").R
+            g = torch.einsum("xa,abhw,yb->xyhw", r_l, module.core.weight.detach(), r_f)
+            return [g.transpose(0, 1).reshape(r_in, -1), g.reshape(r_out, -1)]
         w = self.weight(module).detach()
         return [w.transpose(0, 1).reshape(w.shape[1], -1), w.reshape(w.shape[0], -1)]
 
