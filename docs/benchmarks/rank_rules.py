@@ -3,9 +3,7 @@
 Weights are random with a planted structure (each layer's ``out x rest`` matrix is
 rank ``out / 4`` plus noise); shapes are hard-coded (no torchvision), FLOPs are
 those of a 224x224 input. 1x1 convs and the classifier use ``svd``; kxk convs use
-``tucker2`` when it is registered and gives ``rank_matrices``, otherwise a local
-stand-in with the same rank matrices (mode-1 and mode-0 unfoldings) and
-Tucker-2's counts. It also times EVBMF as musco computes it (eigenvalues of the
+``tucker2``. It also times EVBMF as musco computes it (eigenvalues of the
 Gram matrix) against EVBMF after a full SVD with ``full_matrices=True``, as the
 seed (musco-pytorch) does, on the same matrices.
 
@@ -95,46 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
         VBMFParams,
     )
     from musco_std.svd import SVD
+    from musco_std.tucker2 import Tucker2
     from musco_std.vbmf import evbmf
 
     torch.set_num_threads(args.threads)
 
-    class Unfoldings(musco.Decomposition):
-        """Stand-in for tucker2: its rank matrices and parameter / FLOP counts only."""
-
-        name = "unfoldings"
-        module_types = (nn.Conv2d,)
-
-        def full_rank(self, module):
-            return module.in_channels, module.out_channels
-
-        def param_count(self, module, rank):
-            r_in, r_out = rank
-            k = module.kernel_size[0] * module.kernel_size[1]
-            return module.in_channels * r_in + k * r_in * r_out + r_out * module.out_channels
-
-        def flop_count(self, module, rank, stats):
-            r_in, r_out = rank
-            k = module.kernel_size[0] * module.kernel_size[1]
-            p_in = stats.input_shape[2] * stats.input_shape[3]
-            p_out = stats.output_shape[2] * stats.output_shape[3]
-            return 2 * (p_in * module.in_channels * r_in
-                        + p_out * (k * r_in * r_out + r_out * module.out_channels)) * stats.calls
-
-        def rank_matrices(self, module):
-            w = module.weight.detach()
-            return [w.transpose(0, 1).reshape(module.in_channels, -1),
-                    w.reshape(module.out_channels, -1)]
-
-    kxk, kxk_name = Unfoldings(), "matrix unfoldings (tucker2 not registered)"
-    registry = musco.default_registry()
-    if "tucker2" in registry.names("decompositions"):
-        candidate = registry.get("decompositions", "tucker2").strategy
-        try:
-            candidate.rank_matrices(nn.Conv2d(4, 4, 3))
-            kxk, kxk_name = candidate, "tucker2"
-        except NotImplementedError:
-            kxk_name = "matrix unfoldings (tucker2 has no rank_matrices)"
+    kxk, kxk_name = Tucker2(), "tucker2"
     svd = SVD()
 
     gen = torch.Generator().manual_seed(0)
