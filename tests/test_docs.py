@@ -36,7 +36,6 @@ def test_readme_toml_is_the_quick_start_spec():
 
 
 def test_readme_names_the_commands_ci_runs():
-    readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci/run").read_text()
     install = blocks(ROOT / "README.md", "bash")
     assert install[0].strip() in ci and install[1].strip() in ci

@@ -16,7 +16,7 @@ from torch import nn
 
 import musco_core as musco
 import musco_std.plugin
-from musco_core import Decomposition, Layer, RankRule, Rule, Spec, SpecError
+from musco_core import Decomposition, RankRule, Rule, Spec, SpecError
 from musco_core.limits import RankLimits
 from musco_core.spec import structure_params
 from musco_core.stats import param_count

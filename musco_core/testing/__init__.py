@@ -56,6 +56,6 @@ __all__ = [
     "check_rank_for_param_count", "check_rank_rule", "check_recompression",
     "check_supports_some_layer", "compare_rank_rules",
     "check_validate_rank", "conv_configs", "cp_weight", "cp_weights", "linear_configs",
-    "low_rank_matrices", "low_rank_matrix", "noisy", "seeds", "tucker2_weight",
-    "tucker2_weights",
+    "low_rank_matrices", "low_rank_matrix", "noisy", "parametrize_with_checks", "seeds",
+    "tucker2_weight", "tucker2_weights",
 ]
