@@ -212,10 +212,10 @@ class Compressor:
             raise
         for report in reports:
             if report.status == "compressed":
-                params = self.rules[self.plan.entry(report.name).rule].decomposition.params
+                rule = self.plan.entry(report.name).rule
+                params = self.rules[rule].decomposition.params
                 self.manifest.append({
-                    "name": report.name, "round": report.round,
-                    "rule": self.plan.entry(report.name).rule,
+                    "name": report.name, "round": report.round, "rule": rule,
                     "decomposition": report.decomposition,
                     "rank": list(report.rank) if isinstance(report.rank, tuple) else report.rank,
                     "params": unstructure_params(params),
@@ -242,29 +242,16 @@ class Compressor:
         """
         rows = []
         for name in self.plan.layers:
-            entry = self.plan.entry(name)
-            rule = self.rules[entry.rule]
-            decomposition = rule.decomposition.strategy
-            module = self.model.get_submodule(name)
-            stats = self.stats[name]
-            base = {"name": name, "round": self.plan.round, "decomposition": entry.decomposition,
-                    "rank_rule": entry.rank_rule, "params_before": stats.params,
-                    "flops_before": stats.flops}
-            rank = select_rank(rule, Layer(name, module, stats, self.plan.round))
-            if rank is None:
-                rows.append(LayerReport(status="skipped", reason="rank rule left it uncompressed",
-                                        **base))
+            choice = self._choose(self.plan.round, name)
+            if choice.skipped is not None:
+                rows.append(choice.skipped)
                 continue
-            params = decomposition.param_count(module, rank)
-            if params >= stats.params:
-                rows.append(LayerReport(
-                    status="skipped", rank=rank,
-                    reason=f"rank {rank} would not shrink it ({params} >= {stats.params} params)",
-                    **base))
-                continue
-            rows.append(LayerReport(status="planned", rank=rank, params_after=params,
-                                    flops_after=decomposition.flop_count(module, rank, stats),
-                                    **base))
+            decomposition = choice.rule.decomposition.strategy
+            rows.append(LayerReport(
+                status="planned", rank=choice.rank,
+                params_after=decomposition.param_count(choice.module, choice.rank),
+                flops_after=decomposition.flop_count(choice.module, choice.rank, choice.stats),
+                **choice.base))
         return rows
 
     def _progress(self, work, index):
@@ -274,64 +261,95 @@ class Compressor:
 
         return tqdm(work, desc=f"musco step {index}", unit="layer", leave=False)
 
-    def _compress_layer(self, rnd: int, name: str) -> tuple[nn.Module | None, LayerReport]:
-        entry = self.plan.entry(name)
-        rule = self.rules[entry.rule]
+    def _choose(self, rnd: int, name: str) -> _Choice:
+        """Check the layer and ask its rule for a rank; the report if it is left as it is.
+
+        Raises :class:`CompressionError` naming the layer and the strategy.
+        """
+        rule = self.rules[self.plan.entry(name).rule]
         decomposition = rule.decomposition.strategy
         module = self.model.get_submodule(name)
         stats = self.stats[name]
-        started = time.perf_counter()
         base = {"name": name, "round": rnd, "decomposition": rule.decomposition.name,
                 "rank_rule": rule.rank.name, "params_before": stats.params,
                 "flops_before": stats.flops}
-
-        def fail(what: str, exc: BaseException | None, strategy: str) -> CompressionError:
-            detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
-            return CompressionError(
-                f"layer {name!r} (round {rnd}): {what}{detail}; the model is unchanged",
-                layer=name, strategy=strategy,
-            )
-
         rank_label = f"rank rule {rule.rank.name!r}"
         dec_label = f"decomposition {rule.decomposition.name!r}"
         try:
             decomposition.check(name, module)
         except Exception as exc:
-            raise fail(f"{dec_label} cannot handle it", exc, dec_label) from exc
+            raise _failure(name, rnd, f"{dec_label} cannot handle it", exc, dec_label) from exc
         try:
             rank = select_rank(rule, Layer(name, module, stats, rnd))
         except Exception as exc:
-            raise fail(f"{rank_label} failed", exc, rank_label) from exc
+            raise _failure(name, rnd, f"{rank_label} failed", exc, rank_label) from exc
+        choice = _Choice(rule, module, stats, base, rank)
+        unchanged = {"params_after": stats.params, "flops_after": stats.flops, **base}
         if rank is None:
-            return None, LayerReport(status="skipped", reason="rank rule left it uncompressed",
-                                     params_after=stats.params, flops_after=stats.flops, **base)
+            choice.skipped = LayerReport(status="skipped", reason="rank rule left it uncompressed",
+                                         **unchanged)
+            return choice
         message = decomposition.validate_rank(module, rank)
         if message:
-            raise fail(f"{rank_label} chose an invalid rank: {message}", None, rank_label)
+            raise _failure(name, rnd, f"{rank_label} chose an invalid rank: {message}", None,
+                           rank_label)
         params_after = decomposition.param_count(module, rank)
         if params_after >= stats.params:
-            return None, LayerReport(
-                status="skipped", rank=rank, params_after=stats.params, flops_after=stats.flops,
+            choice.skipped = LayerReport(
+                status="skipped", rank=rank,
                 reason=f"rank {rank} would not shrink it ({params_after} >= {stats.params} params)",
-                **base,
-            )
+                **unchanged)
+        return choice
+
+    def _compress_layer(self, rnd: int, name: str) -> tuple[nn.Module | None, LayerReport]:
+        started = time.perf_counter()
+        choice = self._choose(rnd, name)
+        if choice.skipped is not None:
+            return None, choice.skipped
+        rule, rank, stats = choice.rule, choice.rank, choice.stats
+        dec_label = f"decomposition {rule.decomposition.name!r}"
         try:
-            new, error = decomposition.compress(module, rank, rule.decomposition.params)
+            new, error = rule.decomposition.strategy.compress(choice.module, rank,
+                                                              rule.decomposition.params)
         except Exception as exc:
-            raise fail(f"{dec_label} failed at rank {rank!r}", exc, dec_label) from exc
+            raise _failure(name, rnd, f"{dec_label} failed at rank {rank!r}", exc,
+                           dec_label) from exc
         try:
             flops, out_shape = probe_module(new, stats.input_shape)
         except Exception as exc:
-            raise fail(f"the module built by {dec_label} does not run", exc, dec_label) from exc
+            raise _failure(name, rnd, f"the module built by {dec_label} does not run", exc,
+                           dec_label) from exc
         if out_shape != stats.output_shape:
-            raise fail(
-                f"shape check failed: the module built by {dec_label} gives output shape "
-                f"{out_shape}, expected {stats.output_shape}", None, dec_label)
+            raise _failure(
+                name, rnd, f"shape check failed: the module built by {dec_label} gives output "
+                f"shape {out_shape}, expected {stats.output_shape}", None, dec_label)
         return new, LayerReport(
             status="compressed", rank=rank, params_after=param_count(new),
             flops_after=flops * stats.calls, rel_error=error,
-            seconds=time.perf_counter() - started, **base,
+            seconds=time.perf_counter() - started, **choice.base,
         )
+
+
+@attrs.define
+class _Choice:
+    """A layer about to be compressed: its rule, module, stats, report fields and rank."""
+
+    rule: ResolvedRule
+    module: nn.Module
+    stats: LayerStats
+    base: dict[str, Any]
+    rank: Any
+    #: The report of a layer left as it is (no rank, or a rank that would not shrink it).
+    skipped: LayerReport | None = None
+
+
+def _failure(name: str, rnd: int, what: str, exc: BaseException | None,
+             strategy: str) -> CompressionError:
+    detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+    return CompressionError(
+        f"layer {name!r} (round {rnd}): {what}{detail}; the model is unchanged",
+        layer=name, strategy=strategy,
+    )
 
 
 def _stats_to_dict(stats: LayerStats) -> dict[str, Any]:
