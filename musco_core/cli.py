@@ -120,6 +120,7 @@ def cmd_compress(args) -> None:
 
 def cmd_inspect(args) -> None:
     from musco_core.persist import read_state
+    from musco_core.report import StepReport, layer_history
 
     path = Path(args.path)
     state = read_state(path / STATE_FILE if path.is_dir() else path)
@@ -131,15 +132,10 @@ def cmd_inspect(args) -> None:
     for e in manifest:
         rank = "x".join(map(str, e["rank"])) if isinstance(e["rank"], list) else e["rank"]
         print(f"  round {e['round']}  {e['name']:<40} {e['decomposition']:<10} rank {rank}")
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for report in state["reports"]:
-        for layer in report["layers"]:
-            if layer["status"] == "compressed":
-                first.setdefault(layer["name"], layer["params_before"])
-                last[layer["name"]] = layer["params_after"]
-    if first:
-        before, after = sum(first.values()), sum(last.values())
+    history = layer_history(StepReport.from_dict(r) for r in state["reports"])
+    if history:
+        before = sum(first.params_before for first, _ in history.values())
+        after = sum(last.params_after for _, last in history.values())
         print(f"compressed layers: {before} -> {after} parameters ({before / max(after, 1):.2f}x)")
 
 

@@ -139,7 +139,7 @@ class Compressor:
         self.position = int(state["position"])
         self.manifest = [dict(e) for e in state["manifest"]]
         self.stats = {n: _stats_from_dict(d) for n, d in state["stats"].items()}
-        self.reports = [_report_from_dict(r) for r in state["reports"]]
+        self.reports = [StepReport.from_dict(r) for r in state["reports"]]
         self.model_params_before = int(state.get("model_params_before", param_count(model)))
         return self
 
@@ -364,13 +364,3 @@ def _stats_from_dict(data: dict[str, Any]) -> LayerStats:
                       output_shape=tuple(data["output_shape"]),
                       params=int(data["params"]), flops=int(data["flops"]),
                       calls=int(data["calls"]))
-
-
-def _report_from_dict(data: dict[str, Any]) -> StepReport:
-    layers = []
-    for layer in data["layers"]:
-        layer = dict(layer)
-        if isinstance(layer.get("rank"), list):
-            layer["rank"] = tuple(layer["rank"])
-        layers.append(LayerReport(**layer))
-    return StepReport(step=data["step"], layers=tuple(layers), seconds=data["seconds"])

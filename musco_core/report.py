@@ -93,6 +93,26 @@ class StepReport:
         return {"step": self.step, "seconds": self.seconds,
                 "layers": [r.to_dict() for r in self.layers]}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepReport:
+        """The inverse of :meth:`to_dict` (ranks written as lists become tuples again)."""
+        layers = []
+        for layer in data["layers"]:
+            layer = dict(layer)
+            if isinstance(layer.get("rank"), list):
+                layer["rank"] = tuple(layer["rank"])
+            layers.append(LayerReport(**layer))
+        return cls(step=data["step"], layers=tuple(layers), seconds=data["seconds"])
+
+
+def layer_history(steps) -> dict[str, tuple[LayerReport, LayerReport]]:
+    """``{name: (first report, latest report)}`` of every layer compressed in ``steps``."""
+    out: dict[str, tuple[LayerReport, LayerReport]] = {}
+    for step in steps:
+        for r in step.compressed:
+            out[r.name] = (out[r.name][0] if r.name in out else r, r)
+    return out
+
     def __str__(self) -> str:
         done = self.compressed
         before = sum(r.params_before for r in done)
@@ -121,11 +141,7 @@ class RunReport:
     @property
     def layers(self) -> dict[str, tuple[LayerReport, LayerReport]]:
         """``{name: (first report, latest report)}`` of every layer compressed at least once."""
-        out: dict[str, tuple[LayerReport, LayerReport]] = {}
-        for step in self.steps:
-            for r in step.compressed:
-                out[r.name] = (out[r.name][0] if r.name in out else r, r)
-        return out
+        return layer_history(self.steps)
 
     def totals(self) -> dict[str, int]:
         layers = self.layers.values()
