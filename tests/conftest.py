@@ -58,6 +58,15 @@ class TinyResNet(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: tiny tensors only lose time to threading."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_resnet() -> TinyResNet:
     torch.manual_seed(0)
     return TinyResNet().eval()

@@ -28,13 +28,7 @@ DECOMPOSITIONS = [(TUCKER2, Tucker2Params()), (CP3_, FAST_CP), (CP4_, FAST_CP)]
 IDS = ["tucker2", "cp3", "cp4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rank(decomposition, module, fraction: float):

@@ -41,13 +41,7 @@ CP_OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @parametrize_with_checks([SVD(), Tucker2(), (CP3(), CP_OPTIONS), (CP4(), CP_OPTIONS)])
