@@ -27,6 +27,8 @@ import attrs
 import torch
 from torch import nn
 
+from musco_core.stats import run_model
+
 #: Memory format names accepted by :func:`benchmark`.
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -127,14 +129,6 @@ def _to_format(value: Any, fmt: torch.memory_format) -> Any:
     return value
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
 def benchmark(
     model: nn.Module,
     compressed: nn.Module | Mapping[str, nn.Module],
@@ -183,12 +177,12 @@ def benchmark(
         with torch.inference_mode():
             for _ in range(warmup):
                 for _, _, m, inputs in runs:
-                    _call(m, inputs)
+                    run_model(m, inputs)
             for i in range(repeats):
                 shift = i % len(runs)
                 for name, fname, m, inputs in runs[shift:] + runs[:shift]:
                     start = time.perf_counter()
-                    _call(m, inputs)
+                    run_model(m, inputs)
                     times[(name, fname)].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)

@@ -93,6 +93,15 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def run_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` on example inputs: a tensor, a tuple of arguments or a dict of keywords."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
 def collect_stats(
     model: nn.Module, example_inputs: Any, names: Iterable[str]
 ) -> dict[str, LayerStats]:
@@ -132,12 +141,7 @@ def collect_stats(
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad(), eval_mode(model), counter:
-            if isinstance(example_inputs, Mapping):
-                model(**example_inputs)
-            elif isinstance(example_inputs, tuple):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            run_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
