@@ -104,15 +104,6 @@ class StepReport:
             layers.append(LayerReport(**layer))
         return cls(step=data["step"], layers=tuple(layers), seconds=data["seconds"])
 
-
-def layer_history(steps) -> dict[str, tuple[LayerReport, LayerReport]]:
-    """``{name: (first report, latest report)}`` of every layer compressed in ``steps``."""
-    out: dict[str, tuple[LayerReport, LayerReport]] = {}
-    for step in steps:
-        for r in step.compressed:
-            out[r.name] = (out[r.name][0] if r.name in out else r, r)
-    return out
-
     def __str__(self) -> str:
         done = self.compressed
         before = sum(r.params_before for r in done)
@@ -124,6 +115,15 @@ def layer_history(steps) -> dict[str, tuple[LayerReport, LayerReport]]:
                 f"FLOPs {_fmt_count(fbefore)} -> {_fmt_count(fafter)} ({_ratio(fbefore, fafter)}) "
                 f"in {self.seconds:.2f}s")
         return head + "\n" + format_table(self.layers)
+
+
+def layer_history(steps) -> dict[str, tuple[LayerReport, LayerReport]]:
+    """``{name: (first report, latest report)}`` of every layer compressed in ``steps``."""
+    out: dict[str, tuple[LayerReport, LayerReport]] = {}
+    for step in steps:
+        for r in step.compressed:
+            out[r.name] = (out[r.name][0] if r.name in out else r, r)
+    return out
 
 
 @attrs.frozen

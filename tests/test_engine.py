@@ -48,7 +48,11 @@ def test_end_to_end_svd_in_steps(tiny_resnet, example_inputs):
         assert 0 <= layer.rel_error < 1
     assert same_state(state(tiny_resnet), original)  # the caller's model is untouched
     assert isinstance(tiny_resnet.fc, nn.Linear)
-    assert "fc" in str(reports[-1]) and "2.00x" not in str(reports[0]).splitlines()[0][:5]
+    text = str(reports[-1]).splitlines()
+    assert text[0].startswith("step 1: 1 layer(s) compressed, 0 skipped; params ")
+    assert text[1].split() == ["layer", "round", "decomposition", "rank", "params", "FLOPs",
+                               "rel.err", "time"]
+    assert text[3].split()[:4] == ["fc", "1", "svd", str(reports[-1].layers[0].rank)]
     with pytest.raises(RuntimeError, match="compression is done"):
         compressor.step()
 
