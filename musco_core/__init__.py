@@ -16,6 +16,7 @@ from musco_core.errors import (  # noqa: E402
     SpecError,
     UnsupportedLayerError,
 )
+from musco_core.calibration import LayerData  # noqa: E402
 from musco_core.stats import LayerStats  # noqa: E402
 from musco_core.strategies import (  # noqa: E402
     Decomposition,
@@ -28,7 +29,7 @@ from musco_core.strategies import (  # noqa: E402
     relative_error,
 )
 from musco_core.registry import Registry, available, default_registry  # noqa: E402
-from musco_core.spec import Decompose, Match, RankRule, Rule, Spec  # noqa: E402
+from musco_core.spec import Calibration, Decompose, Match, RankRule, Refine, Rule, Spec  # noqa: E402
 from musco_core.report import LayerReport, RunReport, StepReport  # noqa: E402
 from musco_core.plan import Plan, PlanEntry  # noqa: E402
 from musco_core.engine import Compressor  # noqa: E402
@@ -37,9 +38,9 @@ from musco_core.persist import StateFileError, load_compressed  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressionError", "Compressor", "Decompose", "Decomposition", "Layer", "LayerReport",
-    "LayerStats", "Match", "Matcher", "MuscoError", "NoParams", "Plan", "PlanEntry",
-    "PluginError", "Rank", "RankRule", "RankSelector", "Registry", "Rule", "RunReport", "Spec",
+    "Calibration", "CompressionError", "Compressor", "Decompose", "Decomposition", "Layer", "LayerReport",
+    "LayerData", "LayerStats", "Match", "Matcher", "MuscoError", "NoParams", "Plan", "PlanEntry",
+    "PluginError", "Rank", "RankRule", "RankSelector", "Refine", "Registry", "Rule", "RunReport", "Spec",
     "SpecError", "StateFileError", "StepReport", "Strategy", "UnsupportedLayerError",
     "available", "default_registry", "hookimpl", "load_compressed", "relative_error",
 ]

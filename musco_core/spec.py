@@ -137,6 +137,65 @@ class Rule:
             attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.ge(1))
         ),
     )
+    #: What to do with a matched layer the decomposition cannot handle (a depthwise
+    #: conv matched by ``conv_kxk``): ``"error"`` rejects the spec, ``"skip"`` leaves
+    #: the layer as it is and lists it in the plan and report with the reason.
+    unsupported: str = attrs.field(default="error",
+                                   validator=attrs.validators.in_(("error", "skip")))
+    #: Skip a layer whose factorized version is not at least this much faster than
+    #: the layer it would replace, measured on the compressor's device (``None``: off).
+    min_speedup: float | None = attrs.field(default=None, validator=attrs.validators.optional(
+        [attrs.validators.instance_of(float), attrs.validators.gt(0.0)]))
+
+
+def _optional_positive_int(instance, attribute, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{attribute.name!r} must be a positive int or None, got {value!r}")
+
+
+def _non_negative_number(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")
+
+
+def _optional_positive_number(instance, attribute, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not value > 0):
+        raise ValueError(f"{attribute.name!r} must be a number > 0 or None, got {value!r}")
+
+
+@attrs.frozen
+class Calibration:
+    """How much of the calibration data passed to :class:`~musco_core.Compressor` to use.
+
+    The data itself never goes into the spec or a state file; the spec only caps it.
+    ``None`` means no cap.
+    """
+
+    #: Use at most this many batches per pass over the calibration data.
+    max_batches: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    #: Use at most this many samples (rows of the first tensor of a batch) per pass.
+    max_samples: int | None = attrs.field(default=None, validator=_optional_positive_int)
+
+
+@attrs.frozen
+class Refine:
+    """Local refinement after each step, without labels (off while ``steps == 0``).
+
+    The new factors of the step's layers are trained by Adam to reproduce the
+    *original* layers' outputs on the calibration inputs they see now, for at most
+    ``steps`` optimizer steps or ``seconds`` of wall time, whichever comes first.
+    """
+
+    #: Optimizer steps (one calibration batch each); 0 turns refinement off.
+    steps: int = attrs.field(default=0, validator=[attrs.validators.instance_of(int),
+                                                   attrs.validators.ge(0)])
+    #: Wall-clock budget in seconds (``None``: only ``steps`` limits it).
+    seconds: float | None = attrs.field(default=None, validator=_optional_positive_number)
+    #: Adam learning rate.
+    lr: float = attrs.field(default=1e-4, validator=_non_negative_number)
+    #: Seed of the batch order, so a run is deterministic.
+    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
 
 
 def _str_tuple(value: Any) -> tuple[str, ...]:
@@ -171,6 +230,11 @@ class Spec:
     rounds: int = attrs.field(
         default=1, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
     )
+    #: Caps on the calibration data (see :class:`Calibration`).
+    calibration: Calibration = attrs.field(
+        factory=Calibration, validator=attrs.validators.instance_of(Calibration))
+    #: Local refinement after each step (see :class:`Refine`; off by default).
+    refine: Refine = attrs.field(factory=Refine, validator=attrs.validators.instance_of(Refine))
 
     # -- alternative constructors ------------------------------------------------------
 
@@ -335,19 +399,37 @@ def _unstructure_rule(rule: Rule) -> dict[str, Any]:
     }
     if rule.rounds:
         data["rounds"] = list(rule.rounds)
+    if rule.unsupported != "error":
+        data["unsupported"] = rule.unsupported
+    if rule.min_speedup is not None:
+        data["min_speedup"] = rule.min_speedup
     return data
 
 
+def _non_default(obj: Any) -> dict[str, Any]:
+    """The fields of an attrs object that differ from their defaults (None is never written)."""
+    fresh = type(obj)()
+    return {a.name: getattr(obj, a.name) for a in attrs.fields(type(obj))
+            if getattr(obj, a.name) != getattr(fresh, a.name)
+            and getattr(obj, a.name) is not None}
+
+
 _converter.register_unstructure_hook(Rule, _unstructure_rule)
-_converter.register_unstructure_hook(
-    Spec,
-    lambda spec: {
+def _unstructure_spec(spec: Spec) -> dict[str, Any]:
+    data: dict[str, Any] = {
         "rules": [_converter.unstructure(r, Rule) for r in spec.rules],
         "exclude": list(spec.exclude),
         "layers_per_step": spec.layers_per_step,
         "rounds": spec.rounds,
-    },
-)
+    }
+    for key in ("calibration", "refine"):
+        fields = _non_default(getattr(spec, key))
+        if fields:
+            data[key] = fields
+    return data
+
+
+_converter.register_unstructure_hook(Spec, _unstructure_spec)
 
 
 def _format(exc: BaseException, type_: Any) -> str:

@@ -43,6 +43,25 @@ class Strategy:
     #: Frozen attrs class the engine structures the spec's parameters into.
     Params: ClassVar[type] = NoParams
 
+    def needs(self, params: Any) -> frozenset[str]:
+        """Statistics of calibration data this strategy uses with ``params``.
+
+        Known names (see :class:`musco_core.LayerData`): ``"input_gram"``. The
+        engine computes the union of what the strategies of a step need, only for
+        that step's layers, and hands it over as ``Layer.data`` (rank rules) or the
+        ``data=`` argument of :meth:`Decomposition.compress`. The default needs nothing.
+        """
+        return frozenset()
+
+    def requires_calibration(self, params: Any) -> bool:
+        """Whether the strategy cannot work without calibration data (checked up front).
+
+        The default: it requires data exactly when it needs statistics. A strategy
+        that only *improves* with data (``energy`` on the whitened spectrum) returns
+        ``False`` and works without.
+        """
+        return bool(self.needs(params))
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 
@@ -131,11 +150,29 @@ class Decomposition(Strategy):
                 return f"rank {rank!r} is outside 1..{self.full_rank(module)!r}"
         return None
 
-    def compress(self, module: nn.Module, rank: Rank, params: Any) -> tuple[nn.Module, float]:
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer input ``x`` as rows ``(n, d)`` whose Gram matrix ``"input_gram"`` sums.
+
+        The default (:func:`musco_core.calibration.input_rows`) gives feature
+        vectors for Linear-like layers (last dimension) and channel vectors at the
+        positions a 1x1 conv reads for conv-like layers. Override it for other
+        layouts (e.g. unfolded patches).
+        """
+        from musco_core.calibration import input_rows
+
+        return input_rows(module, x)
+
+    def compress(self, module: nn.Module, rank: Rank, params: Any,
+                 data: Any = None) -> tuple[nn.Module, float]:
         """Return the factorized module and the relative weight error ``|W - W'| / |W|``.
 
         Must not modify ``module``. The default runs :meth:`weight`,
         :meth:`decompose`, :meth:`reconstruct` and :meth:`build`.
+
+        ``data`` is a :class:`musco_core.LayerData` with the statistics named by
+        :meth:`needs`; the engine passes it (as a keyword) only to a decomposition
+        whose :meth:`needs` is not empty, so a decomposition that needs no data may
+        keep the three-argument signature.
         """
         weight = self.weight(module).detach()
         factors = self.decompose(weight, rank, params)
@@ -266,3 +303,6 @@ class Layer:
     stats: LayerStats
     #: Compression round, starting at 1 (a later round sees an already factorized module).
     round: int = 1
+    #: Statistics of the calibration data the layer sees now (:class:`musco_core.LayerData`),
+    #: when calibration data was given and a strategy of the rule needs them; else ``None``.
+    data: Any = None
