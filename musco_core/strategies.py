@@ -277,6 +277,22 @@ class RankSelector(Strategy):
         """
         return []
 
+    #: ``True`` for rules that choose the ranks of all their layers in a round together
+    #: (:meth:`select_joint`), such as a model-level budget; the engine then never calls
+    #: :meth:`select` for those layers.
+    joint: ClassVar[bool] = False
+
+    def select_joint(self, layers: list[Layer], decomposition: Decomposition, params: Any,
+                     context: Any) -> dict[str, Rank | None]:
+        """Ranks for all ``layers`` of one rule in one round, by name (``None``: leave as is).
+
+        Called once per rule and round when :attr:`joint` is true. ``context`` is a
+        :class:`musco_core.joint.JointContext`: costs (FLOPs, params, latency) of a
+        rank, the measured damage to the model's output of a rank, the rule's rank
+        limits and a progress bar.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not a joint rank rule")
+
     def select(self, layer: Layer, decomposition: Decomposition, params: Any) -> Rank | None:
         """Return the rank for ``layer``, or ``None`` to leave the layer as it is.
 
