@@ -34,6 +34,13 @@ from musco_core.report import LayerReport, RunReport, StepReport  # noqa: E402
 from musco_core.plan import Plan, PlanEntry  # noqa: E402
 from musco_core.engine import Compressor  # noqa: E402
 from musco_core.persist import StateFileError, load_compressed  # noqa: E402
+from musco_core.finetune import (  # noqa: E402
+    compress_step,
+    parameter_names,
+    rebuild_optimizer,
+    retarget_schedulers,
+    stale_parameters,
+)
 
 __version__ = "0.1.0"
 
@@ -43,4 +50,6 @@ __all__ = [
     "PluginError", "Rank", "RankRule", "RankSelector", "Refine", "Registry", "Rule", "RunReport", "Spec",
     "SpecError", "StateFileError", "StepReport", "Strategy", "UnsupportedLayerError",
     "available", "default_registry", "hookimpl", "load_compressed", "relative_error",
+    "compress_step", "parameter_names", "rebuild_optimizer", "retarget_schedulers",
+    "stale_parameters",
 ]
