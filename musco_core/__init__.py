@@ -12,6 +12,7 @@ hookimpl = pluggy.HookimplMarker("musco")
 from musco_core.errors import (  # noqa: E402
     CompressionError,
     MuscoError,
+    MuscoWarning,
     PluginError,
     SpecError,
     UnsupportedLayerError,
@@ -46,7 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Calibration", "CompressionError", "Compressor", "Decompose", "Decomposition", "Layer", "LayerReport",
-    "LayerData", "LayerStats", "Match", "Matcher", "MuscoError", "NoParams", "Plan", "PlanEntry",
+    "LayerData", "LayerStats", "Match", "Matcher", "MuscoError", "MuscoWarning", "NoParams", "Plan", "PlanEntry",
     "PluginError", "Rank", "RankRule", "RankSelector", "Refine", "Registry", "Rule", "RunReport", "Spec",
     "SpecError", "StateFileError", "StepReport", "Strategy", "UnsupportedLayerError",
     "available", "default_registry", "hookimpl", "load_compressed", "relative_error",

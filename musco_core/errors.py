@@ -40,3 +40,7 @@ class CompressionError(MuscoError, RuntimeError):
 
 class PluginError(MuscoError, RuntimeError):
     """A plugin could not be loaded or registered something invalid."""
+
+
+class MuscoWarning(UserWarning):
+    """Something worth a look that does not stop the run (a very low rank, a model that grew)."""

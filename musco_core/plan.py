@@ -14,7 +14,9 @@ from musco_core.limits import LIMIT_KEYS, RankLimits
 from musco_core.registry import Registry, default_registry
 from musco_core.spec import Match, Spec, _Ref, format_params_error, structure_params
 from musco_core.stats import LayerStats
-from musco_core.strategies import Decomposition, Layer, Matcher, Rank, RankSelector, Strategy
+from musco_core.strategies import (
+    Decomposition, Layer, Matcher, Rank, RankSelector, Strategy, rank_tuple,
+)
 
 
 @attrs.frozen
@@ -36,6 +38,10 @@ class ResolvedRule:
     rank: Bound
     #: Rounds the rule applies to; empty means every round.
     rounds: tuple[int, ...] = ()
+    #: ``Rule.unsupported``: ``"skip"`` or ``"error"``.
+    unsupported: str = "skip"
+    #: ``Rule.min_speedup`` (``None``: off).
+    min_speedup: float | None = None
 
     def applies_to(self, rnd: int) -> bool:
         return not self.rounds or rnd in self.rounds
@@ -102,7 +108,8 @@ def resolve_rules(spec: Spec, registry: Registry | None = None) -> tuple[Resolve
                     f"round {r} is after the last round (rounds = {spec.rounds}) @ {base}.rounds"
                 )
         if decomposition and rank and all(m is not None for m in matchers):
-            resolved.append(ResolvedRule(i, tuple(matchers), decomposition, rank, rule.rounds))
+            resolved.append(ResolvedRule(i, tuple(matchers), decomposition, rank, rule.rounds,
+                                         rule.unsupported, rule.min_speedup))
     if problems:
         raise SpecError(problems)
     return tuple(resolved)
@@ -112,8 +119,10 @@ def resolve_rules(spec: Spec, registry: Registry | None = None) -> tuple[Resolve
 class PlanEntry:
     """One layer of the model and what the plan does with it.
 
-    ``status`` is ``"compress"``, ``"excluded"`` (by ``Spec.exclude``) or
-    ``"unmatched"`` (no rule matched it).
+    ``status`` is ``"compress"``, ``"excluded"`` (by ``Spec.exclude``),
+    ``"unmatched"`` (no rule matched it) or ``"skipped"`` (a rule matched it but it
+    cannot be compressed safely: the decomposition does not support it, its weights
+    are shared with another layer, or it never ran; ``reason`` says which).
     """
 
     name: str
@@ -138,17 +147,20 @@ class Plan:
     entries: tuple[PlanEntry, ...]
     steps: tuple[tuple[tuple[int, str], ...], ...]
     round: int = 1
+    #: Things worth a look that do not stop the run: ranks far below full rank.
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"entries": [attrs.asdict(e) for e in self.entries],
                 "steps": [[[rnd, name] for rnd, name in step] for step in self.steps],
-                "round": self.round}
+                "round": self.round, "warnings": list(self.warnings)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         return cls(entries=tuple(PlanEntry(**e) for e in data["entries"]),
                    steps=tuple(tuple((int(r), str(n)) for r, n in step) for step in data["steps"]),
-                   round=int(data.get("round", 1)))
+                   round=int(data.get("round", 1)),
+                   warnings=tuple(data.get("warnings", ())))
 
     def entry(self, name: str) -> PlanEntry:
         for e in self.entries:
@@ -172,6 +184,7 @@ class Plan:
             else:
                 what = f"{e.status}" + (f" ({e.reason})" if e.reason else "")
             lines.append(f"  {e.name:<40} {e.type:<16} {what}")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -231,6 +244,8 @@ def build_plan(
         if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
             problems.append(f"exclude pattern {pattern!r} matches no layer of the model @ $.exclude[{i}]")
     active = [r for r in rules if r.applies_to(rnd)]
+    shared = shared_parameters(model)
+    warnings: list[str] = []
 
     entries: list[PlanEntry] = []
     by_rule: dict[int, list[Layer]] = {r.index: [] for r in rules}
@@ -247,17 +262,14 @@ def build_plan(
             continue
         decomposition = rule.decomposition.strategy
         assert isinstance(decomposition, Decomposition)
-        try:
-            decomposition.check(name, module)
-        except UnsupportedLayerError as exc:
-            problems.append(f"{exc} @ $.rules[{rule.index}].decomposition")
-            continue
-        if name not in stats:
-            problems.append(
-                f"layer {name!r} (matched by rule {rule.index}) did not run in the forward pass "
-                f"of example_inputs, so its shapes and FLOPs are unknown; exclude it or pass "
-                f"inputs that reach it @ $.rules[{rule.index}].match"
-            )
+        reason, path = _cannot_compress(model, name, module, rule, stats, shared)
+        if reason is not None:
+            if rule.unsupported == "error":
+                problems.append(f"{reason} @ $.rules[{rule.index}].{path}")
+            else:
+                entries.append(PlanEntry(name, kind, "skipped", rule=rule.index,
+                                         decomposition=rule.decomposition.name,
+                                         rank_rule=rule.rank.name, reason=reason))
             continue
         entries.append(PlanEntry(name, kind, "compress", rule=rule.index,
                                  decomposition=rule.decomposition.name, rank_rule=rule.rank.name))
@@ -268,8 +280,10 @@ def build_plan(
         assert isinstance(selector, RankSelector)
         path = f"$.rules[{rule.index}].rank"
         problems.extend(f"{p} @ {path}" for p in selector.problems(rule.rank.params, by_rule[rule.index]))
+        if selector.joint:
+            continue  # ranks are chosen for all layers together when the round starts
         for layer in by_rule[rule.index]:
-            message = check_rank(rule, layer)
+            message = check_rank(rule, layer, warnings)
             if message:
                 problems.append(f"{message} @ {path}")
 
@@ -283,7 +297,53 @@ def build_plan(
                  and any(r.index == e.rule and r.applies_to(later) for r in rules)]
         for k in range(0, len(order), spec.layers_per_step):
             steps.append(tuple((later, n) for n in order[k : k + spec.layers_per_step]))
-    return Plan(entries=tuple(entries), steps=tuple(steps), round=rnd)
+    return Plan(entries=tuple(entries), steps=tuple(steps), round=rnd, warnings=tuple(warnings))
+
+
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [dotted names of every module owning it]}`` for parameters owned twice."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module_name)
+    return {k: v for k, v in owners.items() if len(set(v)) > 1}
+
+
+def _cannot_compress(model: nn.Module, name: str, module: nn.Module, rule: ResolvedRule,
+                     stats: Mapping[str, LayerStats], shared: Mapping[int, list[str]]
+                     ) -> tuple[str | None, str]:
+    """Why the matched layer ``name`` cannot be compressed (and the spec path), or ``None``."""
+    try:
+        rule.decomposition.strategy.check(name, module)
+    except UnsupportedLayerError as exc:
+        return str(exc), "decomposition"
+    if name not in stats:
+        return (f"layer {name!r} (matched by rule {rule.index}) did not run in the forward pass "
+                f"of example_inputs, so its shapes and FLOPs are unknown; exclude it or pass "
+                f"inputs that reach it", "match")
+    inside = {n for n, m in model.named_modules(remove_duplicate=False) if m is module}
+    for param in module.parameters():
+        others = sorted({o for o in shared.get(id(param), ())
+                         if not any(o == i or o.startswith(i + ".") for i in inside)})
+        if others:
+            return (f"layer {name!r} shares a weight with {others[0]!r} (tied weights); "
+                    "factorizing it would untie them and grow the model", "match")
+    return None, ""
+
+
+#: A rank component below this share of the full rank earns a warning in the plan.
+LOW_RANK_SHARE = 0.2
+
+
+def low_rank_warning(name: str, rank: Rank, full: Rank) -> str | None:
+    """A warning if a component of ``rank`` keeps less than :data:`LOW_RANK_SHARE` of ``full``."""
+    ranks, fulls = rank_tuple(rank), rank_tuple(full)
+    low = [(r, f) for r, f in zip(ranks, fulls) if f >= 4 and r < LOW_RANK_SHARE * f]
+    if not low:
+        return None
+    r, f = low[0]
+    return (f"layer {name!r}: rank {rank!r} keeps {r} of {f} ({r / f:.0%}); expect a large "
+            "error there, or give it a higher rank (min_rank) or exclude it")
 
 
 def select_rank(rule: ResolvedRule, layer: Layer) -> Rank | None:
@@ -297,8 +357,11 @@ def select_rank(rule: ResolvedRule, layer: Layer) -> Rank | None:
     return rule.rank.limits.apply(rank, decomposition.full_rank(layer.module), selector.rounding)
 
 
-def check_rank(rule: ResolvedRule, layer: Layer) -> str | None:
-    """Ask the rule for ``layer``'s rank now; a message if that fails or gives an invalid rank."""
+def check_rank(rule: ResolvedRule, layer: Layer, warnings: list[str] | None = None) -> str | None:
+    """Ask the rule for ``layer``'s rank now; a message if that fails or gives an invalid rank.
+
+    A valid rank far below the full rank adds a line to ``warnings``.
+    """
     try:
         rank = select_rank(rule, layer)
     except (ValueError, TypeError, KeyError) as exc:
@@ -306,7 +369,12 @@ def check_rank(rule: ResolvedRule, layer: Layer) -> str | None:
         return text if text.startswith(f"layer {layer.name!r}") else f"layer {layer.name!r}: {text}"
     if rank is None:
         return None
-    message = rule.decomposition.strategy.validate_rank(layer.module, rank)
+    decomposition = rule.decomposition.strategy
+    message = decomposition.validate_rank(layer.module, rank)
     if message:
         return f"layer {layer.name!r}: {message} for decomposition {rule.decomposition.name!r}"
+    if warnings is not None:
+        warning = low_rank_warning(layer.name, rank, decomposition.full_rank(layer.module))
+        if warning:
+            warnings.append(warning)
     return None

@@ -25,7 +25,13 @@ class LayerReport:
     ``status`` is ``"compressed"``, ``"skipped"`` (then ``reason`` says why) or
     ``"planned"`` (a preview: ranks and counts, nothing decomposed).
     ``flops`` are for the example inputs, counted by PyTorch. ``rel_error`` is
-    ``|W - W'|_F / |W|_F`` of the layer's weight.
+    ``|W - W'|_F / |W|_F`` of the layer's weight. With calibration data,
+    ``output_error`` is the relative error of the layer's output on it,
+    ``|Y - Y'|_F / |Y|_F`` with ``Y`` the original layer's output on the original
+    model's inputs and ``Y'`` the new layer's on the inputs it sees now;
+    ``refined_from`` is that error before local refinement. ``time_before`` /
+    ``time_after`` are measured latencies in seconds (rules with ``min_speedup``).
+    ``warning`` flags a rank far below full rank or a very large error.
     """
 
     name: str
@@ -41,6 +47,11 @@ class LayerReport:
     rel_error: float | None = None
     seconds: float = 0.0
     reason: str = ""
+    output_error: float | None = None
+    refined_from: float | None = None
+    time_before: float | None = None
+    time_after: float | None = None
+    warning: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)
@@ -50,26 +61,40 @@ class LayerReport:
 
 
 _COLUMNS = ("layer", "round", "decomposition", "rank", "params", "FLOPs", "rel.err", "time")
+#: Shown only when some row has an output error (calibration data was given).
+_OUT_COLUMN = "out.err"
 
 
 def format_table(layers: list[LayerReport] | tuple[LayerReport, ...]) -> str:
-    """A fixed-width text table of layer reports."""
+    """A fixed-width text table of layer reports, then their warnings.
+
+    The ``out.err`` column (relative output error on the calibration data, with
+    the error before refinement in brackets) appears when some layer has one.
+    """
+    with_output = any(r.output_error is not None for r in layers)
+    columns = _COLUMNS[:7] + ((_OUT_COLUMN,) if with_output else ()) + _COLUMNS[7:]
     rows = []
     for r in layers:
+        out = "-"
         if r.status in ("compressed", "planned"):
             params = f"{_fmt_count(r.params_before)} -> {_fmt_count(r.params_after)}"
             flops = f"{_fmt_count(r.flops_before)} -> {_fmt_count(r.flops_after)}"
             err = f"{r.rel_error:.4f}" if r.rel_error is not None else "-"
+            if r.output_error is not None:
+                out = f"{r.output_error:.4f}"
+                if r.refined_from is not None:
+                    out += f" ({r.refined_from:.4f})"
         else:
-            params, flops, err = f"skipped: {r.reason}", "", ""
+            params, flops, err, out = f"skipped: {r.reason}", "", "", ""
         rank = "x".join(map(str, r.rank)) if isinstance(r.rank, tuple) else str(r.rank or "-")
-        rows.append((r.name, str(r.round), r.decomposition, rank, params, flops, err,
-                     f"{r.seconds:.2f}s"))
+        row = (r.name, str(r.round), r.decomposition, rank, params, flops, err)
+        rows.append(row + ((out,) if with_output else ()) + (f"{r.seconds:.2f}s",))
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
-              for i, c in enumerate(_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths)).rstrip()]
+              for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"warning: {r.warning}" for r in layers if r.warning]
     return "\n".join(lines)
 
 
@@ -80,6 +105,12 @@ class StepReport:
     step: int
     layers: tuple[LayerReport, ...]
     seconds: float = 0.0
+    #: The whole model before and after the step (parameters deduplicated, FLOPs for
+    #: the example inputs), not only the compressed layers.
+    model_params_before: int = 0
+    model_params_after: int = 0
+    model_flops_before: int = 0
+    model_flops_after: int = 0
 
     @property
     def compressed(self) -> tuple[LayerReport, ...]:
@@ -91,7 +122,8 @@ class StepReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seconds": self.seconds,
-                "layers": [r.to_dict() for r in self.layers]}
+                "layers": [r.to_dict() for r in self.layers],
+                **{k: getattr(self, k) for k in _MODEL_KEYS}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepReport:
@@ -102,7 +134,8 @@ class StepReport:
             if isinstance(layer.get("rank"), list):
                 layer["rank"] = tuple(layer["rank"])
             layers.append(LayerReport(**layer))
-        return cls(step=data["step"], layers=tuple(layers), seconds=data["seconds"])
+        return cls(step=data["step"], layers=tuple(layers), seconds=data["seconds"],
+                   **{k: int(data.get(k, 0)) for k in _MODEL_KEYS})
 
     def __str__(self) -> str:
         done = self.compressed
@@ -114,7 +147,20 @@ class StepReport:
                 f"params {_fmt_count(before)} -> {_fmt_count(after)} ({_ratio(before, after)}), "
                 f"FLOPs {_fmt_count(fbefore)} -> {_fmt_count(fafter)} ({_ratio(fbefore, fafter)}) "
                 f"in {self.seconds:.2f}s")
+        if self.model_params_before:
+            head += "\n" + _model_line(self.model_params_before, self.model_params_after,
+                                       self.model_flops_before, self.model_flops_after)
         return head + "\n" + format_table(self.layers)
+
+
+_MODEL_KEYS = ("model_params_before", "model_params_after", "model_flops_before",
+               "model_flops_after")
+
+
+def _model_line(params_before: int, params_after: int, flops_before: int, flops_after: int) -> str:
+    return (f"whole model: params {_fmt_count(params_before)} -> {_fmt_count(params_after)} "
+            f"({_ratio(params_before, params_after)}), FLOPs {_fmt_count(flops_before)} -> "
+            f"{_fmt_count(flops_after)} ({_ratio(flops_before, flops_after)})")
 
 
 def layer_history(steps) -> dict[str, tuple[LayerReport, LayerReport]]:
@@ -137,6 +183,9 @@ class RunReport:
     steps: tuple[StepReport, ...]
     model_params_before: int
     model_params_after: int
+    #: FLOPs of the whole model for the example inputs (0 when unknown).
+    model_flops_before: int = 0
+    model_flops_after: int = 0
 
     @property
     def layers(self) -> dict[str, tuple[LayerReport, LayerReport]]:
@@ -155,6 +204,8 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         return {"model_params_before": self.model_params_before,
                 "model_params_after": self.model_params_after,
+                "model_flops_before": self.model_flops_before,
+                "model_flops_after": self.model_flops_after,
                 "compressed_layers": self.totals(),
                 "steps": [s.to_dict() for s in self.steps]}
 
@@ -162,9 +213,8 @@ class RunReport:
         t = self.totals()
         lines = [
             f"{len(self.steps)} step(s), {len(self.layers)} layer(s) compressed",
-            f"model params {_fmt_count(self.model_params_before)} -> "
-            f"{_fmt_count(self.model_params_after)} "
-            f"({_ratio(self.model_params_before, self.model_params_after)})",
+            _model_line(self.model_params_before, self.model_params_after,
+                        self.model_flops_before, self.model_flops_after),
             f"compressed layers: params {_fmt_count(t['params_before'])} -> "
             f"{_fmt_count(t['params_after'])} ({_ratio(t['params_before'], t['params_after'])}), "
             f"FLOPs {_fmt_count(t['flops_before'])} -> {_fmt_count(t['flops_after'])} "

@@ -12,15 +12,30 @@ def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(parent_name), child
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` in place of the submodule ``name`` of ``model``; return the old module.
+def aliases(model: nn.Module, name: str) -> list[str]:
+    """Every dotted name under which the submodule ``name`` is reachable (``name`` first).
 
-    Mutates ``model``. ``new`` is moved to the old module's device (and, for
-    floating-point parameters, dtype), takes its train/eval mode, and receives
-    its forward hooks and forward pre-hooks.
+    A module assigned twice (``self.alias = self.fc``) has two names; replacing it
+    under one only would leave the old layer on the other path.
     """
-    parent, child = _split(model, name)
-    old = getattr(parent, child)
+    target = model.get_submodule(name)
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is target and n]
+    return [name] + [n for n in names if n != name]
+
+
+#: Hook dictionaries of nn.Module carried to a replacement, with their flag dictionaries
+#: (``with_kwargs``, ``always_call``), so hooks keep the signature they were registered with.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def carry_over(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` what belongs to the layer rather than to its weights; mutates ``new``.
+
+    Device and floating-point dtype of ``old``'s parameters, train/eval mode,
+    forward hooks and pre-hooks with their flags, and ``requires_grad``: if the
+    old weight was frozen, so are the new factors; a bias keeps its own flag.
+    """
     ref = next(old.parameters(), None)
     if ref is not None:
         if ref.is_floating_point():
@@ -28,9 +43,32 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
         else:
             new.to(device=ref.device)
     new.train(old.training)
-    new._forward_hooks.update(old._forward_hooks)
-    new._forward_pre_hooks.update(old._forward_pre_hooks)
-    setattr(parent, child, new)
+    for attr in _HOOK_DICTS:
+        source = getattr(old, attr, None)
+        if source:
+            getattr(new, attr).update(source)
+    old_params = dict(old.named_parameters())
+    weight_grad = all(p.requires_grad for n, p in old_params.items() if not n.endswith("bias"))
+    bias_grad = {p.requires_grad for n, p in old_params.items() if n.endswith("bias")}
+    for pname, param in new.named_parameters():
+        if pname.endswith("bias") and bias_grad:
+            param.requires_grad_(all(bias_grad))
+        else:
+            param.requires_grad_(weight_grad)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` in place of the submodule ``name`` of ``model``; return the old module.
+
+    Mutates ``model`` and ``new`` (see :func:`carry_over`). Every alias of the old
+    module (other names it is reachable under) gets ``new`` as well.
+    """
+    targets = aliases(model, name)
+    old = model.get_submodule(name)
+    carry_over(old, new)
+    for target in targets:
+        parent, child = _split(model, target)
+        setattr(parent, child, new)
     return old
 
 
@@ -38,15 +76,17 @@ def replace_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> 
     """Replace several submodules at once, all or none; return the old modules by name.
 
     Mutates ``model``. If one replacement fails, those already made are undone
-    before the error propagates.
+    (every alias included) before the error propagates.
     """
-    done: dict[str, nn.Module] = {}
+    done: dict[str, tuple[nn.Module, list[str]]] = {}
     try:
         for name, new in replacements.items():
-            done[name] = replace_module(model, name, new)
+            names = aliases(model, name)
+            done[name] = (replace_module(model, name, new), names)
     except BaseException:
-        for name, old in reversed(list(done.items())):
-            parent, child = _split(model, name)
-            setattr(parent, child, old)
+        for old, names in reversed(list(done.values())):
+            for target in names:
+                parent, child = _split(model, target)
+                setattr(parent, child, old)
         raise
-    return done
+    return {name: old for name, (old, _) in done.items()}

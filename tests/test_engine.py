@@ -50,9 +50,21 @@ def test_end_to_end_svd_in_steps(tiny_resnet, example_inputs):
     assert isinstance(tiny_resnet.fc, nn.Linear)
     text = str(reports[-1]).splitlines()
     assert text[0].startswith("step 1: 1 layer(s) compressed, 0 skipped; params ")
-    assert text[1].split() == ["layer", "round", "decomposition", "rank", "params", "FLOPs",
+    last = reports[-1]
+    assert text[1] == (f"whole model: params {last.model_params_before / 1e3:.2f}k -> "
+                       f"{last.model_params_after / 1e3:.2f}k "
+                       f"({last.model_params_before / last.model_params_after:.2f}x), "
+                       f"FLOPs {last.model_flops_before / 1e6:.2f}M -> "
+                       f"{last.model_flops_after / 1e6:.2f}M "
+                       f"({last.model_flops_before / last.model_flops_after:.2f}x)")
+    assert text[2].split() == ["layer", "round", "decomposition", "rank", "params", "FLOPs",
                                "rel.err", "time"]
-    assert text[3].split()[:4] == ["fc", "1", "svd", str(reports[-1].layers[0].rank)]
+    assert text[4].split()[:4] == ["fc", "1", "svd", str(last.layers[0].rank)]
+    # Whole-model totals are what the model says (shared parameters counted once).
+    assert last.model_params_after == sum(p.numel() for p in compressor.model.parameters())
+    assert reports[0].model_params_after == last.model_params_before
+    fc = last.layers[0]
+    assert last.model_flops_before - last.model_flops_after == fc.flops_before - fc.flops_after
     with pytest.raises(RuntimeError, match="compression is done"):
         compressor.step()
 
@@ -279,9 +291,16 @@ def test_layers_that_do_not_run_are_named(example_inputs):
             return self.used(x.flatten(1))
 
     model = WithSpare()
-    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=2))])
+    strict = Spec(rules=[Rule(match="linear", decomposition="svd",
+                              rank=RankRule("fixed", rank=2), unsupported="error")])
     with pytest.raises(musco.SpecError, match="layer 'unused'.*did not run in the forward pass"):
-        musco.Compressor(model, spec, example_inputs)
+        musco.Compressor(model, strict, example_inputs)
+    # By default such a layer is skipped and the plan says why.
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=2))])
+    plan = musco.Compressor(model, spec, example_inputs).plan
+    assert plan.layers == ("used",)
+    entry = plan.entry("unused")
+    assert entry.status == "skipped" and "did not run in the forward pass" in entry.reason
 
 
 def test_measuring_does_not_change_a_model_in_train_mode(tiny_resnet, example_inputs):

@@ -201,7 +201,7 @@ def test_fixed_without_a_rank_for_a_layer(tiny_resnet, example_inputs):
 
 def test_unsupported_layer_type(tiny_resnet, example_inputs):
     spec = Spec(rules=[Rule(match=Match("glob", pattern="layer1.*"), decomposition="svd",
-                            rank=RankRule("fixed", rank=2))])
+                            rank=RankRule("fixed", rank=2), unsupported="error")])
     with pytest.raises(SpecError) as excinfo:
         compress(tiny_resnet, spec, example_inputs)
     text = problems_of(excinfo)
