@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from musco_core import hookimpl
+from musco_std.budget import BUDGET
 from musco_std.matchers import MATCHERS
 from musco_std.rank_rules import RANK_RULES
 from musco_std.cp import CP3, CP4
@@ -20,6 +21,7 @@ def musco_add_decompositions(register):
 def musco_add_rank_rules(register):
     for rule in RANK_RULES:
         register(rule)
+    register(BUDGET)
 
 
 @hookimpl
