@@ -73,7 +73,7 @@ def refine(original: nn.Module, current: nn.Module, data: Iterable[Any],
                     loss = sum(_relative_mse(modules[name], args, y_o) for name, args, y_o in pairs)
                     loss.backward()
                 optimizer.step()
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 done += 1
                 progressed = True
                 if bar is not None:

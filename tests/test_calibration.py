@@ -1,0 +1,252 @@
+"""Calibration data through the engine: statistics per step, output errors, refinement, errors."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import musco_core as musco
+from musco_core import Calibration, Refine, RankRule, Rule, Spec
+from musco_core.registry import Registry
+from musco_std.svd import SVD
+
+
+class RecordingSVD(SVD):
+    """A data-aware stand-in: plain SVD that records the statistics it is handed."""
+
+    name = "rec_svd"
+    seen: list
+
+    def __init__(self):
+        self.seen = []
+
+    def needs(self, params):
+        return frozenset({"input_gram"})
+
+    def compress(self, module, rank, params, data=None):
+        self.seen.append(data)
+        return super().compress(module, rank, params)
+
+
+@pytest.fixture
+def recording():
+    strategy = RecordingSVD()
+
+    class Plugin:
+        @musco.hookimpl
+        def musco_add_decompositions(self, register):
+            register(strategy)
+
+    registry = Registry()
+    registry.register_plugin(Plugin(), name="recording")
+    return strategy, registry
+
+
+def two_linear(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8)).eval()
+
+
+def batches(n: int = 3, size: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 12, generator=g) for _ in range(n)]
+
+
+def rows_gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.T @ x
+
+
+def test_statistics_are_collected_on_the_model_as_it_is_at_each_step(recording):
+    strategy, registry = recording
+    model = two_linear()
+    data = batches()
+    spec = Spec(rules=[Rule(match="linear", decomposition="rec_svd",
+                            rank=RankRule("fixed", rank=2))], layers_per_step=1)
+    compressor = musco.Compressor(model, spec, data[0], calibration=data, registry=registry)
+    compressor.step()
+    first = strategy.seen[0]
+    want = sum(rows_gram(x) for x in data)
+    torch.testing.assert_close(first.gram, want)
+    torch.testing.assert_close(first.cross, want)  # nothing upstream changed yet
+    assert first.rows == 3 * 16 and not first.shifted
+    compressor.step()
+    second = strategy.seen[1]
+    # Layer "2" now sees the output of the compressed layer "0" ...
+    now = [torch.relu(compressor.model[0](x)) for x in data]
+    was = [torch.relu(model[0](x)) for x in data]
+    with torch.no_grad():
+        torch.testing.assert_close(second.gram, sum(rows_gram(x) for x in now))
+        torch.testing.assert_close(second.target_gram, sum(rows_gram(x) for x in was))
+        torch.testing.assert_close(second.cross, sum(
+            a.double().T @ b.double() for a, b in zip(now, was)))
+    assert second.shifted
+
+
+def test_output_error_is_reported_and_matches_a_direct_computation():
+    model = two_linear()
+    data = batches()
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=3))],
+                layers_per_step=2)
+    compressor = musco.Compressor(model, spec, data[0], calibration=data)
+    report = compressor.step()
+    first = report.layers[0]
+    with torch.no_grad():
+        y = torch.cat([model[0](x) for x in data])
+        y_new = torch.cat([compressor.model[0](x) for x in data])
+    want = float(torch.linalg.vector_norm(y - y_new) / torch.linalg.vector_norm(y))
+    assert first.output_error == pytest.approx(want, rel=1e-4)
+    assert "out.err" in str(report).splitlines()[2]
+
+
+def test_dict_input_model_and_caps():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(12, 10)
+            self.head = nn.Linear(10, 4)
+
+        def forward(self, *, tokens, scale):
+            return self.head(torch.relu(self.proj(tokens))) * scale
+
+    torch.manual_seed(0)
+    model = DictModel().eval()
+    data = [{"tokens": x, "scale": 2.0} for x in batches(5)]
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=2))],
+                calibration=Calibration(max_batches=2, max_samples=24))
+    compressor = musco.Compressor(model, spec, data[0], calibration=data)
+    used = list(compressor.calibration)
+    assert [b["tokens"].shape[0] for b in used] == [16, 8]
+    report = compressor.step()
+    assert all(r.output_error is not None and 0 <= r.output_error < 1 for r in report.layers)
+
+
+class CountingBatches:
+    """A re-iterable that makes fresh batches and remembers them only weakly."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.refs: list[weakref.ref] = []
+        self.most_alive = 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(3)
+        for _ in range(self.n):
+            gc.collect()
+            self.most_alive = max(self.most_alive, sum(r() is not None for r in self.refs))
+            x = torch.randn(8, 12, generator=g)
+            self.refs.append(weakref.ref(x))
+            yield x
+
+
+def test_no_activations_or_batches_are_kept(recording):
+    strategy, registry = recording
+    data = CountingBatches(60)
+    spec = Spec(rules=[Rule(match="linear", decomposition="rec_svd",
+                            rank=RankRule("fixed", rank=2))])
+    compressor = musco.Compressor(two_linear(), spec, torch.randn(2, 12), calibration=data,
+                                  registry=registry)
+    compressor.step()
+    gc.collect()
+    assert data.most_alive <= 2  # the batch being read and at most the one before it
+    assert all(r() is None for r in data.refs)
+    assert [d.gram.shape for d in strategy.seen] == [(12, 12), (10, 10)]
+
+
+def test_save_and_resume_without_the_data(tmp_path, recording):
+    strategy, registry = recording
+    data = batches()
+    spec = Spec(rules=[Rule(match="linear", decomposition="rec_svd",
+                            rank=RankRule("fixed", rank=2))], layers_per_step=1)
+    model = two_linear()
+    compressor = musco.Compressor(model, spec, data[0], calibration=data, registry=registry)
+    compressor.step()
+    compressor.save(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert not any(torch.equal(t, data[0]) for t in state["model"].values()
+                   if t.shape == data[0].shape)
+    assert "calibration" not in state
+    with pytest.raises(musco.SpecError, match="'rec_svd' needs calibration data"):
+        musco.Compressor.resume(tmp_path / "state.pt", two_linear(), registry=registry)
+    again = musco.Compressor.resume(tmp_path / "state.pt", two_linear(), calibration=data,
+                                    registry=registry)
+    again.step()
+    assert again.done and strategy.seen[-1].shifted
+
+
+def test_bad_calibration_is_refused_before_anything_changes(recording):
+    strategy, registry = recording
+    spec = Spec(rules=[Rule(match="linear", decomposition="rec_svd",
+                            rank=RankRule("fixed", rank=2))])
+    x = torch.randn(2, 12)
+    with pytest.raises(TypeError, match="can be consumed only once.*pass list"):
+        musco.Compressor(two_linear(), spec, x, calibration=iter(batches()), registry=registry)
+    with pytest.raises(TypeError, match="got a single Tensor: wrap it in a list"):
+        musco.Compressor(two_linear(), spec, x, calibration=x, registry=registry)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        musco.Compressor(two_linear(), spec, x, calibration=[], registry=registry)
+    with pytest.raises(musco.CompressionError,
+                       match=r"calibration batch 0 does not fit the model: RuntimeError"):
+        musco.Compressor(two_linear(), spec, x, calibration=[torch.randn(2, 5)],
+                         registry=registry)
+    with pytest.raises(musco.SpecError, match=r"'rec_svd' needs calibration data.*rules\[0\]"):
+        musco.Compressor(two_linear(), spec, x, registry=registry)
+    with pytest.raises(musco.SpecError, match=r"local refinement needs calibration data"):
+        musco.Compressor(two_linear(), Spec(rules=spec.rules, refine=Refine(steps=3)), x,
+                         registry=registry)
+    model = two_linear()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = batches()
+    bad[1][0, 0] = float("nan")
+    compressor = musco.Compressor(model, spec, x, calibration=bad, registry=registry,
+                                  inplace=True)
+    with pytest.raises(musco.CompressionError, match=r"layer '0': its inputs on calibration "
+                                                     r"batch 1 contain NaN or Inf"):
+        compressor.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert compressor.position == 0 and compressor.manifest == []
+
+
+def test_refinement_is_deterministic_bounded_and_never_worse():
+    data = batches(4, size=32)
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule("fixed", rank=2))],
+                layers_per_step=2, refine=Refine(steps=15, lr=1e-2, seed=7))
+
+    def run():
+        compressor = musco.Compressor(two_linear(), spec, data[0], calibration=data)
+        return compressor, compressor.step()
+
+    c1, r1 = run()
+    c2, r2 = run()
+    for a, b in zip(c1.model.state_dict().values(), c2.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for layer in r1.layers:
+        assert layer.refined_from is not None
+        assert layer.output_error <= layer.refined_from + 1e-12
+    assert sum(r.output_error for r in r1.layers) < sum(r.refined_from for r in r1.layers)
+    # Only the new factors were trained: the untouched ReLU has no weights; compare a frozen layer.
+
+
+def test_refinement_touches_only_the_new_factors_and_stops_at_its_budget():
+    from musco_core.refine import refine
+
+    model = two_linear()
+    original = two_linear()
+    data = batches(2)
+    new = SVD().compress(model[2], 2, None)[0]
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    original_forward = new.forward
+
+    def counting(x):
+        calls.append(1)
+        return original_forward(x)
+
+    new.forward = counting
+    result = refine(original, model, data, {"2": new}, Refine(steps=5, lr=1e-2))
+    assert result["steps"] == 5 and len(calls) == 5
+    assert all(torch.equal(before_model[k], v) for k, v in model.state_dict().items())
