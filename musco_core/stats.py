@@ -1,4 +1,4 @@
-"""Per-layer statistics from one forward pass: shapes, parameters and FLOPs."""
+"""Per-layer statistics from one forward pass: shapes, parameters and FLOPs (and their coverage)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class LayerStats:
 
     ``flops`` are counted by :class:`torch.utils.flop_counter.FlopCounterMode`
     (a multiply-add is two FLOPs) for the whole example batch, summed over all
-    calls of the layer. ``calls`` is how often the layer ran in that pass.
+    calls of the layer, plus what it misses in fused recurrent and attention layers (see
+    :class:`FlopCounter`). ``calls`` is how often the layer ran in that pass.
     """
 
     input_shape: tuple[int, ...]
@@ -66,18 +67,19 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 def probe_module(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     """Run ``module`` on a zero input of ``input_shape``; return (FLOPs, output shape).
 
-    FLOPs are counted by :class:`~torch.utils.flop_counter.FlopCounterMode`. The
+    FLOPs are counted by :class:`FlopCounter` (``FlopCounterMode`` plus the
+    recurrent layers it misses). The
     pass runs under ``torch.no_grad`` and does not change the module.
     """
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros(input_shape, device=device, dtype=dtype)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter(module)
     with torch.no_grad(), eval_mode(module), counter:
         y = module(x)
     out = _first_tensor(y)
-    return int(counter.get_total_flops()), tuple(out.shape) if out is not None else ()
+    return counter.total(), tuple(out.shape) if out is not None else ()
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -115,7 +117,7 @@ def collect_stats(
     wanted = set(names)
     seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
     started: dict[str, list[int]] = {}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter(model)
     handles = []
 
     # FLOPs of one call = the counter's total after the call minus before it, so every
@@ -123,10 +125,10 @@ def collect_stats(
     # embedding, several arguments for attention): nothing is re-run on made-up inputs.
     def make_hooks(layer_name: str):
         def pre_hook(_module, _args):
-            started.setdefault(layer_name, []).append(counter.get_total_flops())
+            started.setdefault(layer_name, []).append(counter.total())
 
         def hook(_module, args, output):
-            flops = counter.get_total_flops() - started[layer_name].pop()
+            flops = counter.total() - started[layer_name].pop()
             x = _first_tensor(args)
             y = _first_tensor(output)
             if x is not None and y is not None:
@@ -158,3 +160,218 @@ def collect_stats(
             calls=len(calls),
         )
     return stats
+
+
+# -- FLOPs that FlopCounterMode misses: fused recurrent layers and attention -----------------
+
+#: Gates per recurrent layer mode (``nn.RNNBase.mode``): ``weight_ih`` has ``gates * hidden`` rows.
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def recurrent_flops(module: nn.RNNBase, input_shape: tuple[int, ...], *,
+                    input_size: int | None = None) -> int:
+    """FLOPs of one call of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on an input of ``input_shape``.
+
+    Counted as :class:`~torch.utils.flop_counter.FlopCounterMode` counts matrix
+    products (a multiply-add is two FLOPs; bias adds and elementwise work are not
+    counted). With ``g`` gates (LSTM 4, GRU 3, RNN 1), hidden size ``h``, state
+    size ``p`` (LSTM's ``proj_size`` if set, else ``h``), ``d`` directions and
+    ``s`` time steps summed over the batch (``numel(input) / input_size``, so
+    batch-first, unbatched and packed inputs all work)::
+
+        FLOPs = s * d * sum over layers l of [2 g h (in_l + p) + 2 h p (LSTM proj_size only)]
+
+    where ``in_0`` is the input size and ``in_l = d * p`` for ``l >= 1``. Not
+    counted: the gate nonlinearities and elementwise products (LSTM about ``9 h``,
+    GRU about ``8 h`` per step and direction; under 5% for ``in + h >= 64``). For GRU
+    and RNN this equals what ``FlopCounterMode`` counts on CPU; it counts 0 for LSTM
+    (one fused ``aten::lstm`` call) and for cuDNN's fused kernels.
+
+    ``input_size`` overrides ``module.input_size`` (used to cost a layer at a new input width).
+    """
+    gates = RECURRENT_GATES[module.mode]
+    h = module.hidden_size
+    in0 = module.input_size if input_size is None else input_size
+    proj = getattr(module, "proj_size", 0) or 0
+    p = proj or h
+    d = 2 if module.bidirectional else 1
+    numel = 1
+    for s in input_shape:
+        numel *= s
+    steps = numel // in0 if in0 else 0
+    per_step = 0
+    for layer in range(module.num_layers):
+        width = in0 if layer == 0 else d * p
+        per_step += 2 * gates * h * (width + p) + (2 * h * proj if proj else 0)
+    return steps * d * per_step
+
+
+def attention_flops(module: nn.MultiheadAttention, query_shape: tuple[int, ...],
+                    key_shape: tuple[int, ...]) -> int:
+    """FLOPs of one call of an ``nn.MultiheadAttention`` (matrix products, as FlopCounterMode).
+
+    With embedding ``E``, key/value widths ``kdim``/``vdim``, ``L`` query and ``S``
+    key positions (times the batch ``N``)::
+
+        FLOPs = 2 N (L E E + S kdim E + S vdim E)   # q, k, v projections
+              + 2 N L S E * 2                     # scores q k^T and their weighted sum of v
+              + 2 N L E E                         # output projection
+
+    Equal to what ``FlopCounterMode`` counts on the slow path (training, masks);
+    in eval mode PyTorch may take a fused fast path (``_native_multi_head_attention``)
+    that it counts as 0. Softmax, scaling and biases are not counted.
+    """
+    e = module.embed_dim
+    batch_first = getattr(module, "batch_first", False)
+
+    def split(shape: tuple[int, ...]) -> tuple[int, int]:  # (batch, positions)
+        if len(shape) == 2:
+            return 1, shape[0]
+        return (shape[0], shape[1]) if batch_first else (shape[1], shape[0])
+
+    n, length = split(query_shape)
+    _, source = split(key_shape)
+    projections = 2 * n * (length * e * e + source * module.kdim * e + source * module.vdim * e)
+    return projections + 4 * n * length * source * e + 2 * n * length * e * e
+
+
+def _recurrent_formula(module, args, kwargs) -> int:
+    x = _first_tensor(args) if args else _first_tensor(kwargs.get("input"))
+    return recurrent_flops(module, tuple(x.shape)) if x is not None else 0
+
+
+def _attention_formula(module, args, kwargs) -> int:
+    names = ("query", "key")
+    given = list(args[:2]) + [kwargs.get(k) for k in names[len(args[:2]):]]
+    if len(given) < 2 or not all(isinstance(t, torch.Tensor) for t in given):
+        return 0
+    return attention_flops(module, tuple(given[0].shape), tuple(given[1].shape))
+
+
+#: Layers whose FLOPs ``FlopCounterMode`` may report as 0, with the formula used then.
+MISSED_FLOPS = ((nn.RNNBase, _recurrent_formula), (nn.MultiheadAttention, _attention_formula))
+
+
+class FlopCounter:
+    """``FlopCounterMode`` plus the FLOPs it misses in fused layers (a context manager).
+
+    Every layer of a type in :data:`MISSED_FLOPS` inside ``model`` is watched:
+    ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (one fused ``aten::lstm`` on CPU, cuDNN
+    kernels on GPU) and ``nn.MultiheadAttention`` (the fused fast path in eval
+    mode). When a call of such a layer adds no FLOPs to the counter, its formula
+    (:func:`recurrent_flops`, :func:`attention_flops`) is added instead.
+    :meth:`total` is the running total, so it can be read before and after a
+    layer to measure it in place. Other layers the counter reports as 0 (norms,
+    embeddings, fused transformer-layer fast paths) stay 0; :func:`coverage`
+    lists those that hold parameters.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.mode = FlopCounterMode(display=False)
+        #: FLOPs added by formula, on top of what ``FlopCounterMode`` counted.
+        self.extra = 0
+        self._starts: list[int] = []
+        self._handles: list[Any] = []
+
+    def total(self) -> int:
+        return int(self.mode.get_total_flops()) + self.extra
+
+    def _pre(self, _module, _args) -> None:
+        self._starts.append(self.total())
+
+    def _post_for(self, formula):
+        def post(module, args, kwargs, _output) -> None:
+            if self.total() == self._starts.pop():
+                self.extra += formula(module, args, kwargs)
+
+        return post
+
+    def __enter__(self) -> FlopCounter:
+        for m in self.model.modules():
+            for kind, formula in MISSED_FLOPS:
+                if isinstance(m, kind) and (not isinstance(m, nn.RNNBase)
+                                            or m.mode in RECURRENT_GATES):
+                    self._handles.append(m.register_forward_pre_hook(self._pre))
+                    # First among the forward hooks, so a hook measuring this layer sees them.
+                    self._handles.append(m.register_forward_hook(
+                        self._post_for(formula), prepend=True, with_kwargs=True))
+                    break
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.mode.__exit__(*exc)
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+
+def coverage(stats_by_layer: Mapping[str, LayerStats], planned_names: Iterable[str],
+             model: nn.Module, *, total_flops: int | None = None) -> dict[str, Any]:
+    """The share of the model's FLOPs and parameters that the planned layers hold.
+
+    ``stats_by_layer`` is :func:`collect_stats`' result for the candidate layers,
+    ``planned_names`` the layers some rule will compress. Layers nested in another
+    measured layer (``attn.out_proj`` inside ``attn``) are counted once, by the
+    outer one. The FLOP total is the sum over the outermost measured layers, or
+    ``total_flops`` when given (e.g. a :class:`FlopCounter` total of the whole
+    model, which includes work outside any parameter-holding layer, such as
+    attention products). The parameter total is the model's.
+
+    Returns plain data::
+
+        {"flops_total", "flops_planned", "flops_share",      # share in [0, 1]
+         "params_total", "params_planned", "params_share",
+         "not_planned": [(name, flops, params), ...],        # outermost layers left out, by FLOPs
+         "zero_flops": [name, ...],   # hold parameters but counted 0 FLOPs (norms, embeddings)
+         "not_run": [name, ...]}      # planned, but did not run in the measured pass
+    """
+    names = set(stats_by_layer)
+
+    def outermost(selected: set[str]) -> list[str]:
+        out = []
+        for n in selected:
+            parts = n.split(".")
+            if not any(".".join(parts[:i]) in selected for i in range(1, len(parts))):
+                out.append(n)
+        return sorted(out)
+
+    top = outermost(names)
+    planned = set(planned_names)
+    planned_top = outermost(planned & names)
+    counted = sum(stats_by_layer[n].flops for n in top)
+    flops_total = counted if total_flops is None else int(total_flops)
+    flops_planned = sum(stats_by_layer[n].flops for n in planned_top)
+    params_total = param_count(model)
+    params_planned = sum(stats_by_layer[n].params for n in planned_top)
+
+    def inside_planned(n: str) -> bool:
+        parts = n.split(".")
+        return any(".".join(parts[:i]) in planned for i in range(1, len(parts) + 1))
+
+    left = [(n, stats_by_layer[n].flops, stats_by_layer[n].params)
+            for n in top if not inside_planned(n)]
+    left.sort(key=lambda t: (-t[1], -t[2], t[0]))
+    return {
+        "flops_total": flops_total,
+        "flops_planned": flops_planned,
+        "flops_share": flops_planned / flops_total if flops_total else 0.0,
+        "params_total": params_total,
+        "params_planned": params_planned,
+        "params_share": params_planned / params_total if params_total else 0.0,
+        "not_planned": left,
+        "zero_flops": sorted(n for n in names
+                             if stats_by_layer[n].flops == 0 and stats_by_layer[n].params > 0),
+        "not_run": sorted(planned - names),
+    }
+
+
+def model_flops(model: nn.Module, example_inputs: Any) -> int:
+    """FLOPs of one forward pass of the whole model on ``example_inputs`` (eval, no grad)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), eval_mode(model), counter:
+        run_model(model, example_inputs)
+    return int(counter.get_total_flops())

@@ -41,6 +41,58 @@ class ConvKxKMatcher(Matcher):
         return isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1
 
 
+class Conv1dMatcher(Matcher):
+    """Every ``nn.Conv1d`` (kernel 1 for ``svd1d``, larger for ``tucker2_1d``)."""
+
+    name = "conv1d"
+    summary = "nn.Conv1d layers (any kernel size)"
+
+    def matches(self, name, module, params) -> bool:
+        return isinstance(module, nn.Conv1d)
+
+
+class Conv1dK1Matcher(Matcher):
+    """Every ``nn.Conv1d`` with kernel size 1 (for ``svd1d``)."""
+
+    name = "conv1d_k1"
+    summary = "nn.Conv1d layers with kernel size 1"
+
+    def matches(self, name, module, params) -> bool:
+        return isinstance(module, nn.Conv1d) and module.kernel_size[0] == 1
+
+
+class Conv1dKxKMatcher(Matcher):
+    """Every ``nn.Conv1d`` with a kernel larger than 1 (for ``tucker2_1d``)."""
+
+    name = "conv1d_kxk"
+    summary = "nn.Conv1d layers with a kernel larger than 1"
+
+    def matches(self, name, module, params) -> bool:
+        return isinstance(module, nn.Conv1d) and module.kernel_size[0] > 1
+
+
+class HFConv1DMatcher(Matcher):
+    """Every ``transformers`` ``Conv1D`` (GPT-2 family), recognised without importing transformers."""
+
+    name = "hf_conv1d"
+    summary = "transformers' Conv1D layers (GPT-2 family), by class name and structure"
+
+    def matches(self, name, module, params) -> bool:
+        from musco_std.hf_conv1d import is_hf_conv1d
+
+        return is_hf_conv1d(module)
+
+
+class RecurrentMatcher(Matcher):
+    """Every ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``."""
+
+    name = "recurrent"
+    summary = "nn.LSTM, nn.GRU and nn.RNN layers"
+
+    def matches(self, name, module, params) -> bool:
+        return isinstance(module, (nn.LSTM, nn.GRU, nn.RNN))
+
+
 @attrs.frozen
 class PatternParams:
     #: The pattern matched against the layer's dotted name (``features.3``).
@@ -133,5 +185,6 @@ class TypeMatcher(Matcher):
 
 MATCHERS = (
     LinearMatcher(), Conv1x1Matcher(), ConvKxKMatcher(), GlobMatcher(), RegexMatcher(),
-    FactorizedMatcher(), TypeMatcher(),
+    FactorizedMatcher(), TypeMatcher(), Conv1dMatcher(), Conv1dK1Matcher(), Conv1dKxKMatcher(),
+    HFConv1DMatcher(), RecurrentMatcher(),
 )

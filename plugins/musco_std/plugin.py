@@ -6,14 +6,18 @@ from musco_core import hookimpl
 from musco_std.budget import BUDGET
 from musco_std.matchers import MATCHERS
 from musco_std.rank_rules import RANK_RULES
+from musco_std.conv1d import SVD1d, Tucker21d
 from musco_std.cp import CP3, CP4
+from musco_std.hf_conv1d import SVDHFConv1D
+from musco_std.recurrent import SVDRecurrent
 from musco_std.svd import SVD
 from musco_std.tucker2 import Tucker2
 
 
 @hookimpl
 def musco_add_decompositions(register):
-    for decomposition in (SVD(), Tucker2(), CP3(), CP4()):
+    for decomposition in (SVD(), Tucker2(), CP3(), CP4(),
+                          SVD1d(), Tucker21d(), SVDHFConv1D(), SVDRecurrent()):
         register(decomposition)
 
 
