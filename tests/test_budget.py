@@ -245,10 +245,22 @@ def test_allow_skip_false_compresses_every_layer():
     assert all(r is not None for r in ranks.values())
 
 
-def test_out_of_reach_target_names_the_largest_reachable_reduction():
+def test_out_of_reach_target_names_the_largest_reachable_reduction_before_measuring():
+    layers = transformer_like()
+    context = FakeContext(SVD())
     with pytest.raises(ValueError, match=r"flop_reduction=50 cannot be reached on the 12 layers"
                                          r".*reach at most [\d.]+x"):
-        run("transformer", flop_reduction=50.0)
+        RULE.select_joint(layers, SVD(), BudgetParams(flop_reduction=50.0), context)
+    assert context.damage_calls == []
+
+
+def test_a_max_rank_below_the_floor_leaves_the_layer_as_it_is():
+    layers = [layer_for("wide", nn.Linear(256, 256), (16, 256)),
+              layer_for("narrow", nn.Linear(64, 64), (16, 64))]
+    context = FakeContext(SVD(), RankLimits(max_rank=20))  # floor of 'wide': 26
+    ranks = RULE.select_joint(layers, SVD(), BudgetParams(flop_reduction=1.03), context)
+    assert ranks["wide"] is None and ranks["narrow"] is not None
+    assert "no rank above the floor" in context.records["budget"].row("wide").note
 
 
 def test_deterministic():
@@ -350,3 +362,16 @@ def test_registered_as_a_joint_rule_whose_select_asks_for_the_engine():
     layer = layer_for("fc", nn.Linear(8, 8), (1, 8))
     with pytest.raises(ValueError, match=r"layer 'fc': .*needs the engine's joint selection"):
         entry.strategy.select(layer, SVD(), BudgetParams(flop_reduction=2.0))
+
+
+def test_the_docs_toml_spec_is_the_python_spec():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "rank-rules.md").read_text()
+    section = text[text.index("## `budget`"):text.index("## Speed")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (toml,) = re.findall(r"```toml\n(.*?)```", section, flags=re.S)
+    namespace: dict = {}
+    exec(code, namespace)
+    assert Spec.from_toml(toml) == namespace["spec"]
