@@ -32,6 +32,7 @@ from musco_core.testing.checks import (
     check_validate_rank,
     parametrize_with_checks,
 )
+from musco_core.testing.data import DATA_LAYERS, anisotropic_inputs, check_data_aware
 from musco_core.testing.rank_rules import RankComparison, check_rank_rule, compare_rank_rules
 from musco_core.testing.strategies import (
     ConvConfig,
@@ -58,4 +59,5 @@ __all__ = [
     "check_validate_rank", "conv_configs", "cp_weight", "cp_weights", "linear_configs",
     "low_rank_matrices", "low_rank_matrix", "noisy", "parametrize_with_checks", "seeds",
     "tucker2_weight", "tucker2_weights",
+    "DATA_LAYERS", "anisotropic_inputs", "check_data_aware",
 ]
