@@ -114,7 +114,7 @@ class JointContext:
 
         return tqdm(iterable, desc=desc, total=total, leave=False)
 
-    def record(self, table: Any) -> None:
+    def record(self, name: str, table: Any) -> None:
         """Keep a table (e.g. per-layer sensitivity) for ``preview()`` and ``musco plan``."""
         self.table = table
 

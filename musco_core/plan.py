@@ -13,7 +13,7 @@ from musco_core.errors import SpecError, UnsupportedLayerError
 from musco_core.limits import LIMIT_KEYS, RankLimits
 from musco_core.registry import Registry, default_registry
 from musco_core.spec import Match, Spec, _Ref, format_params_error, structure_params
-from musco_core.stats import LayerStats
+from musco_core.stats import LayerStats, param_count
 from musco_core.strategies import (
     Decomposition, Layer, Matcher, Rank, RankSelector, Strategy, rank_tuple,
 )
@@ -224,6 +224,9 @@ def build_plan(
     stats: Mapping[str, LayerStats],
     rnd: int = 1,
     compressed_by: Mapping[str, int] | None = None,
+    *,
+    layers: Mapping[str, nn.Module] | None = None,
+    project: bool = True,
 ) -> Plan:
     """Plan round ``rnd`` on ``model`` as it is; check each chosen layer; raise :class:`SpecError`.
 
@@ -234,11 +237,15 @@ def build_plan(
     Checks, before any layer is touched: exclude patterns that match nothing,
     decompositions asked to handle a layer they do not support, rank-rule
     parameters that name layers the rule does not match, and the rank each rule
-    would choose now (valid for the layer's shape).
+    would choose now (valid for the layer's shape). Later rounds are checked too,
+    on a projection of the model (each planned layer replaced by its
+    decomposition's ``skeleton`` on the ``meta`` device), so a rule limited to
+    round 2 fails now, not after round 1's fine-tuning; their steps are counted.
     """
     compressed_by = compressed_by or {}
     problems: list[str] = []
-    layers = candidate_layers(model)
+    projected = layers is not None
+    layers = dict(layers) if layers is not None else candidate_layers(model)
     all_names = [n for n, _ in model.named_modules() if n]
     for i, pattern in enumerate(spec.exclude):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
@@ -283,21 +290,70 @@ def build_plan(
         if selector.joint:
             continue  # ranks are chosen for all layers together when the round starts
         for layer in by_rule[rule.index]:
-            message = check_rank(rule, layer, warnings)
+            message = check_rank(rule, layer, None if projected else warnings,
+                                 lenient=projected)
             if message:
                 problems.append(f"{message} @ {path}")
 
     if problems:
         raise SpecError(problems)
 
-    steps: list[tuple[tuple[int, str], ...]] = []
-    for later in range(rnd, spec.rounds + 1):
-        # This round as planned; later rounds projected: each rule keeps the layers it has.
-        order = [e.name for e in entries if e.status == "compress"
-                 and any(r.index == e.rule and r.applies_to(later) for r in rules)]
-        for k in range(0, len(order), spec.layers_per_step):
-            steps.append(tuple((later, n) for n in order[k : k + spec.layers_per_step]))
+    order = [e.name for e in entries if e.status == "compress"]
+    steps: list[tuple[tuple[int, str], ...]] = [
+        tuple((rnd, n) for n in order[k : k + spec.layers_per_step])
+        for k in range(0, len(order), spec.layers_per_step)]
+    if project and rnd < spec.rounds:
+        steps += _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries,
+                               by_rule)
     return Plan(entries=tuple(entries), steps=tuple(steps), round=rnd, warnings=tuple(warnings))
+
+
+def _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries,
+                  by_rule) -> list[tuple[tuple[int, str], ...]]:
+    """Plan rounds ``rnd + 1 ..`` on a projection of the model; their steps, or SpecError."""
+    import copy
+
+    steps: list[tuple[tuple[int, str], ...]] = []
+    layers, stats, owner = dict(layers), dict(stats), dict(compressed_by)
+    current = {layer.name: layer for group in by_rule.values() for layer in group}
+    planned = [e for e in entries if e.status == "compress"]
+    for later in range(rnd + 1, spec.rounds + 1):
+        for e in planned:
+            rule = next(r for r in rules if r.index == e.rule)
+            layer = current[e.name]
+            decomposition = rule.decomposition.strategy
+            rank = _projected_rank(rule, layer)
+            skeleton = decomposition.skeleton(copy.deepcopy(layer.module).to("meta"), rank,
+                                              rule.decomposition.params)
+            layers[e.name] = skeleton
+            old = stats[e.name]
+            stats[e.name] = LayerStats(old.input_shape, old.output_shape, param_count(skeleton),
+                                       decomposition.flop_count(layer.module, rank, old),
+                                       old.calls)
+            owner[e.name] = e.rule
+        try:
+            plan = build_plan(model, spec, rules, stats, later, owner, layers=layers,
+                              project=False)
+        except SpecError as exc:
+            raise SpecError([f"round {later} (projected on the factorized model): {p}"
+                             for p in exc.problems]) from None
+        steps += [step for step in plan.steps if step and step[0][0] == later]
+        planned = [e for e in plan.entries if e.status == "compress"]
+        current = {e.name: Layer(e.name, layers[e.name], stats[e.name], later) for e in planned}
+    return steps
+
+
+def _projected_rank(rule: ResolvedRule, layer: Layer) -> Rank:
+    """The rank the rule gives ``layer`` now, or its full rank when that needs the real run."""
+    decomposition = rule.decomposition.strategy
+    if not rule.rank.strategy.joint:
+        try:
+            rank = select_rank(rule, layer)
+            if rank is not None and decomposition.validate_rank(layer.module, rank) is None:
+                return rank
+        except Exception:  # a data-driven rule on a projected (meta) layer: no weights to read
+            pass
+    return decomposition.full_rank(layer.module)
 
 
 def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
@@ -357,13 +413,20 @@ def select_rank(rule: ResolvedRule, layer: Layer) -> Rank | None:
     return rule.rank.limits.apply(rank, decomposition.full_rank(layer.module), selector.rounding)
 
 
-def check_rank(rule: ResolvedRule, layer: Layer, warnings: list[str] | None = None) -> str | None:
+def check_rank(rule: ResolvedRule, layer: Layer, warnings: list[str] | None = None, *,
+               lenient: bool = False) -> str | None:
     """Ask the rule for ``layer``'s rank now; a message if that fails or gives an invalid rank.
 
-    A valid rank far below the full rank adds a line to ``warnings``.
+    A valid rank far below the full rank adds a line to ``warnings``. ``lenient``
+    (for projected layers, which have shapes but no weights) ignores failures other
+    than the rule's own ``ValueError`` / ``TypeError`` / ``KeyError``.
     """
     try:
         rank = select_rank(rule, layer)
+    except (NotImplementedError, RuntimeError):
+        if lenient:
+            return None
+        raise
     except (ValueError, TypeError, KeyError) as exc:
         text = str(exc.args[0]) if exc.args else repr(exc)
         return text if text.startswith(f"layer {layer.name!r}") else f"layer {layer.name!r}: {text}"

@@ -344,8 +344,8 @@ rank = { name = "param_reduction", rate = 2.0 }
 rounds = [2]
 """)
     compressor = musco.Compressor(model, spec, torch.randn(2, 32))
-    # Round 2 cannot be known before round 1 has factorized the layers.
-    assert compressor.plan.steps == (((1, "0"), (1, "2")),)
+    # Round 2 is projected on the factorized structure, so its step is counted up front.
+    assert compressor.plan.steps == (((1, "0"), (1, "2")), ((2, "0"),))
     assert not compressor.done
     first = compressor.step()
     assert not compressor.done

@@ -229,3 +229,28 @@ def test_min_speedup_skips_layers_that_are_not_measurably_faster():
     report = fast.step()
     assert [r.name for r in report.compressed] == ["fc", "out"]
     assert all(r.time_after < r.time_before for r in report.compressed)
+
+
+def test_rules_for_later_rounds_are_checked_and_counted_up_front():
+    model = Aliased().eval()
+    x = torch.randn(2, 32)
+    first = Rule(match=Match("glob", pattern="fc"), decomposition="svd",
+                 rank=RankRule("fixed", rank=8), rounds=[1])
+    bad = Rule(match=Match("factorized", by="svd"), decomposition="svd",
+               rank=RankRule("fixed", rank=40), rounds=[2])
+    with pytest.raises(musco.SpecError) as excinfo:
+        musco.Compressor(model, Spec(rules=[first, bad], rounds=2), x)
+    assert str(excinfo.value) == ("round 2 (projected on the factorized model): layer 'fc': "
+                                  "rank 40 is outside 1..32 for decomposition 'svd' "
+                                  "@ $.rules[1].rank")
+    good = Rule(match=Match("factorized", by="svd"), decomposition="svd",
+                rank=RankRule("fixed", rank=4), rounds=[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressor = musco.Compressor(model, Spec(rules=[first, good], rounds=2), x)
+        assert compressor.plan.steps == (((1, "fc"),), ((2, "fc"),))
+        ran = 0
+        while not compressor.done:
+            compressor.step()
+            ran += 1
+    assert ran == 2 and compressor.model.fc.rank == 4
