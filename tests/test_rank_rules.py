@@ -562,3 +562,51 @@ def test_rank_matrices_of_factorized_layers_keep_the_nonzero_spectrum(make):
         assert min(matrix.shape) == r
         expected = torch.linalg.svdvals(unfolding.double())[:r]
         assert torch.allclose(torch.linalg.svdvals(matrix.double()), expected, rtol=1e-4)
+
+
+# -- low precision and the spectrum cache (issue 10 item 3, issue 11 item 7) -----------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule, params", [
+    (VBMF(), VBMFParams(weakening=1.0)),
+    (Energy(), EnergyParams(fraction=0.9)),
+    (ParamReduction(), ParamReductionParams(rate=2.0)),
+    (FlopReduction(), FlopReductionParams(rate=2.0)),
+], ids=lambda v: getattr(v, "name", ""))
+def test_rank_rules_accept_half_precision_layers(dtype, rule, params):
+    """The spectrum of a half-precision layer is computed in float32/64: same rank as float32."""
+    ref = linear_layer(48, 64, rank=5, noise=0.01)
+    half = layer_for("fc", planted_module(nn.Linear(48, 64), 5, 0.01).to(dtype), (4, 48))
+    expected = rule.select(ref, svd, params)
+    assert rule.select(half, svd, params) == expected
+    assert half.module.weight.dtype == dtype  # the layer itself is not converted
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_vbmf_on_a_factorized_half_precision_layer(dtype):
+    """Round 2 of a half-precision model: the factorized layer's core is analysed in float32."""
+    new, _ = svd.compress(planted_module(nn.Linear(40, 60), 6, 0.05), 20, svd.Params())
+    layer = layer_for("fc", new.to(dtype), (4, 40))
+    rank = VBMF().select(layer, svd, VBMFParams(weakening=1.0))
+    assert 1 <= rank <= 20
+
+
+def test_spectra_are_computed_once_per_unchanged_layer(monkeypatch):
+    import musco_std.rank_rules as rr
+
+    calls = []
+    real = rr.squared_singular_values
+    monkeypatch.setattr(rr, "squared_singular_values", lambda m: calls.append(1) or real(m))
+    layer = linear_layer(32, 40, rank=4)
+    first = VBMF().select(layer, svd, VBMFParams(weakening=1.0))
+    assert Energy().select(layer, svd, EnergyParams(fraction=0.9)) >= 1
+    assert VBMF().select(layer, svd, VBMFParams(weakening=1.0)) == first
+    assert len(calls) == 1  # one spectrum served all three
+    with torch.no_grad():  # an in-place change bumps the version counter: recomputed
+        layer.module.weight.mul_(2.0)
+    VBMF().select(layer, svd, VBMFParams(weakening=1.0))
+    assert len(calls) == 2
+    layer.module.weight = nn.Parameter(torch.randn(40, 32))  # a new tensor: recomputed
+    VBMF().select(layer, svd, VBMFParams(weakening=1.0))
+    assert len(calls) == 3

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-
 import numpy as np
+import torch
 
 from musco_core import RankSelector
 from musco_core.stats import param_count
 from musco_core.strategies import rank_tuple
-from musco_std.vbmf import evbmf_rank, squared_singular_values, weaken
+from musco_std.vbmf import evbmf_from_squared, squared_singular_values, weaken
 
 
 def _as_rank(value: Any) -> Any:
@@ -223,10 +225,40 @@ class FlopReduction(_Reduction):
         return decomposition.rank_for_flop_count(layer.module, flops / rate, layer.stats)
 
 
+#: Dtypes whose spectra are never computed as they are: the module is upcast to float32
+#: (a copy) before its rank matrices are formed, and spectra are computed in float64.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: Spectra of live modules: module -> (fingerprint, decomposition name, spectra, full rank). The plan
+#: checks every layer's rank when a Compressor is built and step() asks again; with this
+#: cache a spectrum-based rule computes each layer's spectrum once. An entry is valid only
+#: while the module holds the very same parameter tensors, unmodified (same objects, same
+#: storage, same in-place version counter); it disappears with the module.
+_SPECTRA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(module) -> tuple:
+    # The tensors themselves are kept (not their ids), so a freed tensor's id or address
+    # can never be mistaken for a live one's.
+    return tuple((p, p.data_ptr(), p._version, p.dtype, tuple(p.shape))
+                 for p in module.parameters())
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
+
+
 def _spectral_matrices(layer, decomposition) -> tuple[list, tuple[int, ...]]:
-    """``decomposition.rank_matrices`` of the layer, one per component of its full rank."""
+    """``decomposition.rank_matrices`` of the layer, one per component of its full rank.
+
+    A float16/bfloat16 layer is analysed through a float32 copy (half-precision QR and
+    eigen solvers are missing or inaccurate).
+    """
+    module = layer.module
+    if any(p.dtype in _LOW_PRECISION for p in module.parameters()):
+        module = copy.deepcopy(module).float()
     try:
-        matrices = decomposition.rank_matrices(layer.module)
+        matrices = decomposition.rank_matrices(module)
     except NotImplementedError:
         raise ValueError(
             f"layer {layer.name!r}: decomposition {decomposition.name!r} does not provide "
@@ -240,6 +272,28 @@ def _spectral_matrices(layer, decomposition) -> tuple[list, tuple[int, ...]]:
             f"{len(matrices)} rank matrices for a rank with {len(full)} components"
         )
     return matrices, full
+
+
+def layer_spectra(layer, decomposition) -> tuple[list[tuple[np.ndarray, tuple[int, int]]],
+                                                  tuple[int, ...]]:
+    """Squared singular values (float64, descending) and shape of each rank matrix of a layer,
+    and the decomposition's full rank.
+
+    Cached per module (see :data:`_SPECTRA`): asking twice for an unchanged layer
+    costs nothing the second time.
+    """
+    key = _fingerprint(layer.module)
+    hit = _SPECTRA.get(layer.module)
+    if hit is not None and hit[1] == decomposition.name and _same(hit[0], key):
+        return hit[2], hit[3]
+    matrices, full = _spectral_matrices(layer, decomposition)
+    spectra = [(squared_singular_values(m), (int(m.shape[0]), int(m.shape[1])))
+               for m in matrices]
+    try:
+        _SPECTRA[layer.module] = (key, decomposition.name, spectra, full)
+    except TypeError:  # not weak-referenceable: no caching
+        pass
+    return spectra, full
 
 
 def _as_rank_of(values: list[int]) -> Any:
@@ -282,11 +336,11 @@ class VBMF(_PerLayer):
     field, mapping = "weakening", "weakenings"
 
     def rank_for(self, layer, decomposition, w: float):
-        matrices, full = _spectral_matrices(layer, decomposition)
+        spectra, full = layer_spectra(layer, decomposition)
         ranks = []
-        for matrix, f in zip(matrices, full):
-            top = min(f, min(matrix.shape))
-            ranks.append(min(top, weaken(top, evbmf_rank(matrix), w)))
+        for (s2, shape), f in zip(spectra, full):
+            top = min(f, min(shape))
+            ranks.append(min(top, weaken(top, evbmf_from_squared(s2, shape).rank, w)))
         return _as_rank_of(ranks)
 
 
@@ -330,9 +384,8 @@ class Energy(_PerLayer):
     field, mapping = "fraction", "fractions"
 
     def rank_for(self, layer, decomposition, fraction: float):
-        matrices, full = _spectral_matrices(layer, decomposition)
-        ranks = [min(f, energy_rank(squared_singular_values(m), fraction))
-                 for m, f in zip(matrices, full)]
+        spectra, full = layer_spectra(layer, decomposition)
+        ranks = [min(f, energy_rank(s2, fraction)) for (s2, _), f in zip(spectra, full)]
         return _as_rank_of(ranks)
 
 
