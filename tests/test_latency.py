@@ -1,0 +1,179 @@
+"""The latency model (musco_core.latency): cache keys and reuse, candidate grids, speed-aware rounding.
+
+Every test but one uses a fake, deterministic timer: no test asserts a wall-clock time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import musco_core as musco
+from musco_core.latency import (
+    LatencyModel,
+    candidate_ranks,
+    fastest_rank_near,
+)
+from musco_core.stats import LayerStats
+
+
+class FakeTimer:
+    """Seconds = parameter count * 1e-9 + 1e-6 per module call; records every call."""
+
+    def __init__(self, table=None):
+        self.calls = []
+        self.table = table
+
+    def __call__(self, module, x):
+        self.calls.append((type(module).__name__, tuple(x.shape), x.dtype, module.training))
+        if self.table is not None:
+            return self.table(module)
+        return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
+
+
+def test_time_module_uses_the_timer_in_eval_mode_on_the_input_shape():
+    timer = FakeTimer()
+    model = LatencyModel(timer=timer, warmup=0)
+    conv = nn.Conv2d(3, 8, 3).train()
+    seconds = model.time_module(conv, (2, 3, 16, 16))
+    assert seconds == pytest.approx((8 * 3 * 9 + 8) * 1e-9 + 1e-6)
+    assert timer.calls == [("Conv2d", (2, 3, 16, 16), torch.float32, False)]
+    assert conv.training  # the caller's module is left as it was
+
+
+def test_identical_layers_are_timed_once_and_different_ones_are_not():
+    timer = FakeTimer()
+    model = LatencyModel(timer=timer, warmup=0)
+    a, b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+    model.time_module(a, (1, 16, 8, 8))
+    model.time_module(b, (1, 16, 8, 8))  # same structure, other weights: a hit
+    assert (model.hits, model.misses, len(timer.calls)) == (1, 1, 1)
+    for other in [nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.Conv2d(16, 16, 3, padding=2,
+                  dilation=2), nn.Conv2d(16, 16, 3, padding=1, groups=4),
+                  nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.Conv2d(16, 24, 3, padding=1)]:
+        model.time_module(other, (1, 16, 8, 8))
+    model.time_module(a, (2, 16, 8, 8))  # another input shape
+    assert model.misses == 7 and len(set(model.cache)) == 7
+
+
+def test_the_key_names_shape_device_dtype_format_and_threads():
+    conv = nn.Conv2d(4, 4, 1)
+    key = LatencyModel(threads=3).key(conv, (1, 4, 5, 5))
+    assert key.startswith("Conv2d:") and key.endswith("|in=1x4x5x5|cpu|float32|contiguous|threads=3")
+    keys = {LatencyModel(threads=1).key(conv, (1, 4, 5, 5)),
+            LatencyModel(threads=2).key(conv, (1, 4, 5, 5)),
+            LatencyModel(threads=1, dtype=torch.bfloat16).key(conv, (1, 4, 5, 5)),
+            LatencyModel(threads=1, memory_format=torch.channels_last).key(conv, (1, 4, 5, 5))}
+    assert len(keys) == 4
+
+
+def test_a_factorized_layers_key_carries_its_rank():
+    svd = musco.default_registry().get("decompositions", "svd").strategy
+    model = LatencyModel(timer=FakeTimer(), warmup=0)
+    conv = nn.Conv2d(32, 32, 1)
+    keys = {model.key(svd.skeleton(conv, r), (1, 32, 4, 4)) for r in (8, 16, 16)}
+    assert len(keys) == 2
+
+
+def test_dtype_and_memory_format_are_applied_to_module_and_input():
+    seen = {}
+
+    def timer(module, x):
+        seen.update(dtype=module.weight.dtype, x=x.dtype,
+                    cl=x.is_contiguous(memory_format=torch.channels_last),
+                    wcl=module.weight.is_contiguous(memory_format=torch.channels_last))
+        return 1.0
+
+    LatencyModel(dtype=torch.bfloat16, memory_format=torch.channels_last, timer=timer,
+                 warmup=1).time_module(nn.Conv2d(8, 8, 3), (1, 8, 6, 6))
+    assert seen == {"dtype": torch.bfloat16, "x": torch.bfloat16, "cl": True, "wcl": True}
+
+
+def test_speedup_returns_both_times():
+    model = LatencyModel(timer=FakeTimer(), warmup=0)
+    old, new = nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 64))
+    t_old, t_new = model.speedup(old, new, (4, 64))
+    assert t_old > t_new > 0
+
+
+def test_save_and_load_reuse_the_cache(tmp_path):
+    timer = FakeTimer()
+    model = LatencyModel(timer=timer, warmup=0, threads=1)
+    conv = nn.Conv2d(8, 8, 3)
+    t = model.time_module(conv, (1, 8, 8, 8))
+    path = tmp_path / "latency.json"
+    model.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "musco-latency" and len(data["entries"]) == 1
+    again = LatencyModel.load(path, timer=FakeTimer(), warmup=0, threads=1)
+    assert again.time_module(nn.Conv2d(8, 8, 3), (1, 8, 8, 8)) == t
+    assert (again.hits, again.misses) == (1, 0)
+    with pytest.raises(ValueError, match="not a musco latency cache"):
+        path.write_text("{}")
+        LatencyModel.load(path)
+
+
+def test_bad_arguments_say_what_is_valid():
+    with pytest.raises(ValueError, match="memory format"):
+        LatencyModel(memory_format=torch.preserve_format)
+    with pytest.raises(ValueError, match="threads"):
+        LatencyModel(threads=0)
+    with pytest.raises(ValueError, match="finite"):
+        LatencyModel(timer=lambda m, x: float("nan"), warmup=0).time_module(nn.Linear(2, 2), (1, 2))
+
+
+def test_the_real_timer_measures_something(one_thread):
+    """The default Timer path runs (no value is asserted beyond being positive)."""
+    model = LatencyModel(min_run_time=0.001, warmup=1, threads=1)
+    assert model.time_module(nn.Linear(8, 8), (2, 8)) > 0
+
+
+@pytest.mark.parametrize("full, rank, multiple, span, expected", [
+    (256, 100, 8, 2, [88, 96, 100, 104, 112]),
+    (256, 96, 8, 1, [96]),
+    (256, 96, 16, 2, [80, 96, 112]),
+    (100, 99, 8, 2, [88, 96, 99]),  # 104 is above the full rank
+    (64, 3, 8, 2, [3, 8, 16]),
+])
+def test_candidate_ranks_grid(full, rank, multiple, span, expected):
+    assert candidate_ranks(full, rank, multiple, span) == expected
+
+
+def test_candidate_ranks_of_tuple_ranks_keep_their_shape():
+    assert candidate_ranks((128, 128), (100, 60), 8, 2) == [
+        (88, 48), (96, 56), (100, 60), (104, 64), (112, 72)]
+    with pytest.raises(ValueError, match="differ in length"):
+        candidate_ranks((8, 8), (4, 4, 4))
+
+
+def _stats(shape):
+    return LayerStats(shape, shape, 0, 0, 1)
+
+
+def test_fastest_rank_near_rounds_to_the_fast_kernel_when_it_pays():
+    svd = musco.default_registry().get("decompositions", "svd").strategy
+    layer = nn.Linear(256, 256)
+
+    def table(module):  # a ragged rank (100) runs slow kernels; multiples of 8 are fast
+        if isinstance(module, nn.Linear):
+            return 10.0
+        rank = module.rank
+        return rank * 0.01 * (2.0 if rank % 8 else 1.0)
+
+    model = LatencyModel(timer=FakeTimer(table), warmup=0)
+    cost = {96: 0.11, 100: 0.10, 104: 0.095}
+    chosen = fastest_rank_near(svd, layer, _stats((1, 256)), 100, model, cost.__getitem__)
+    assert [c.rank for c in chosen.candidates] == [96, 100, 104]
+    # 96: 10.4x speed at cost 0.11 (score 94.7); 104: 9.6x at 0.095 (score 101): up wins
+    assert chosen.rank == 104
+    assert chosen.speedup() == pytest.approx(10.0 / 1.04)
+    # a steeper accuracy cost above makes rounding down win
+    steep = {96: 0.10, 100: 0.10, 104: 0.10}
+    assert fastest_rank_near(svd, layer, _stats((1, 256)), 100, model,
+                             steep.__getitem__).rank == 96
+    # max_cost drops candidates that spend too much accuracy
+    assert fastest_rank_near(svd, layer, _stats((1, 256)), 100, model, cost.__getitem__,
+                             max_cost=0.1).rank == 104
