@@ -20,13 +20,19 @@ The dict / TOML / YAML form writes a strategy as its name, or as a table with a
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 
 from musco_core.errors import SpecError
 from musco_core.registry import did_you_mean
@@ -37,17 +43,52 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+class FrozenDict(Mapping):
+    """A read-only, hashable mapping: the parameters of a frozen spec.
+
+    It compares equal to a ``dict`` with the same items, reads like one
+    (``params["rate"]``, ``dict(params)``) and cannot be changed in place.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        object.__setattr__(self, "_data", dict(*args, **kwargs))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+    def __reduce__(self):
+        return (type(self), (self._data,))
+
+
 def _freeze(value: Any) -> Any:
-    """Lists (how TOML, YAML and JSON write tuples) become tuples, recursively."""
+    """Lists (how TOML, YAML and JSON write tuples) become tuples, mappings
+    :class:`FrozenDict`, recursively."""
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, Mapping):
-        return {k: _freeze(v) for k, v in value.items()}
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
     return value
 
 
-def _params_dict(value: Any) -> dict[str, Any]:
-    return {k: _freeze(v) for k, v in dict(value).items()}
+def _params_dict(value: Any) -> FrozenDict:
+    return FrozenDict({k: _freeze(v) for k, v in dict(value).items()})
 
 
 @attrs.define(frozen=True, init=False, repr=False)
@@ -58,6 +99,11 @@ class _Ref:
     params: Mapping[str, Any] = attrs.field(converter=_params_dict, hash=False)
 
     def __init__(self, name: str, /, **params: Any):
+        if "name" in params:
+            raise SpecError(
+                f"{type(self).__name__}({name!r}, name=...): a strategy parameter cannot be "
+                "called 'name', because the table form uses 'name' for the strategy"
+            )
         self.__attrs_init__(name, params)
 
     def __repr__(self) -> str:
@@ -103,6 +149,13 @@ def _check_matches(instance, attribute, value) -> None:
             )
 
 
+def _int_to_float(value: Any) -> Any:
+    """``2`` -> ``2.0`` for a float field (a bool stays a bool and is rejected)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _to_ref(cls: type[_Ref]) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
         return cls(value) if isinstance(value, str) else value
@@ -137,15 +190,18 @@ class Rule:
             attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.ge(1))
         ),
     )
-    #: What to do with a matched layer the decomposition cannot handle (a depthwise
-    #: conv matched by ``conv_kxk``): ``"error"`` rejects the spec, ``"skip"`` leaves
-    #: the layer as it is and lists it in the plan and report with the reason.
-    unsupported: str = attrs.field(default="error",
+    #: What to do with a matched layer that cannot be compressed safely (a depthwise
+    #: conv matched by ``conv_kxk``, a layer whose weight is tied to another's, a layer
+    #: that never runs): ``"skip"`` leaves it as it is and lists it in the plan with
+    #: the reason; ``"error"`` (strict) rejects the spec.
+    unsupported: str = attrs.field(default="skip",
                                    validator=attrs.validators.in_(("error", "skip")))
     #: Skip a layer whose factorized version is not at least this much faster than
     #: the layer it would replace, measured on the compressor's device (``None``: off).
-    min_speedup: float | None = attrs.field(default=None, validator=attrs.validators.optional(
-        [attrs.validators.instance_of(float), attrs.validators.gt(0.0)]))
+    min_speedup: float | None = attrs.field(
+        default=None, converter=_int_to_float,
+        validator=attrs.validators.optional(
+            [attrs.validators.instance_of(float), attrs.validators.gt(0.0)]))
 
 
 def _optional_positive_int(instance, attribute, value) -> None:
@@ -240,15 +296,27 @@ class Spec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Spec:
-        """Build a spec from its dict form; every problem is reported with its path."""
+        """Build a spec from its dict form; every problem is reported with its path.
+
+        Anything that is not a valid spec raises :class:`SpecError`, never another
+        exception: keys must be strings, and values are not coerced (``2.9`` is not
+        an int, ``"12"`` is not a list).
+        """
         if not isinstance(data, Mapping):
             raise SpecError(f"a spec must be a mapping, got {type(data).__name__} @ $")
         try:
+            problems = _key_problems(data, "$")
+            if problems:
+                raise SpecError(problems)
             return _converter.structure(dict(data), cls)
+        except SpecError:
+            raise
         except (ClassValidationError, IterableValidationError) as exc:
             raise SpecError(cattrs.transform_error(exc, path="$", format_exception=_format)) from None
-        except (ValueError, TypeError) as exc:
-            raise SpecError(f"{exc} @ $") from None
+        except RecursionError:
+            raise SpecError("the spec is nested too deeply @ $") from None
+        except Exception as exc:  # a last resort: spec input never escapes as another type
+            raise SpecError(f"{_format(exc, None)} @ $") from None
 
     @classmethod
     def from_toml(cls, text: str) -> Spec:
@@ -257,6 +325,8 @@ class Spec:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(f"invalid TOML: {exc}") from None
+        except RecursionError:
+            raise SpecError("invalid TOML: nested too deeply") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -270,23 +340,47 @@ class Spec:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise SpecError(f"invalid YAML: {exc}") from None
+        except RecursionError:
+            raise SpecError("invalid YAML: nested too deeply") from None
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp like 2001-02-30
+            raise SpecError(f"invalid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Spec:
+        """Build a spec from JSON text."""
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise SpecError("invalid JSON: nested too deeply") from None
         return cls.from_dict(data)
 
     @classmethod
     def load(cls, path: str | Path) -> Spec:
-        """Read a spec from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file."""
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        suffix = path.suffix.lower()
-        if suffix == ".toml":
-            return cls.from_toml(text)
-        if suffix in (".yaml", ".yml"):
-            return cls.from_yaml(text)
-        if suffix == ".json":
-            import json
+        """Read a spec from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file.
 
-            return cls.from_dict(json.loads(text))
-        raise SpecError(f"unknown spec file type {suffix!r} for {path}; use .toml, .yaml or .json")
+        A file that does not exist raises :class:`FileNotFoundError`; every problem
+        with its contents raises :class:`SpecError` naming the file.
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        readers = {".toml": cls.from_toml, ".yaml": cls.from_yaml, ".yml": cls.from_yaml,
+                   ".json": cls.from_json}
+        if suffix not in readers:
+            raise SpecError(
+                f"unknown spec file type {suffix!r} for {path}; use .toml, .yaml or .json")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"{path} is not UTF-8 text: {exc}") from None
+        try:
+            return readers[suffix](text)
+        except SpecError as exc:
+            raise SpecError([f"{path}: {p}" for p in exc.problems]) from None
 
     # -- serialisation -----------------------------------------------------------------
 
@@ -332,6 +426,107 @@ def _reject_none(value: Any, path: str) -> None:
 _converter = cattrs.Converter(forbid_extra_keys=True)
 
 
+def _key_problems(value: Any, path: str) -> list[str]:
+    """Every mapping key that is not a string (YAML's ``1: 2``), with its path."""
+    problems: list[str] = []
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, Mapping):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    problems.append(f"keys must be strings, got {k!r} ({type(k).__name__}) "
+                                    f"@ {where}")
+                else:
+                    stack.append((v, f"{where}.{k}"))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return sorted(problems)
+
+
+# Strict scalars: the dict form is what a file says, so nothing is coerced (cattrs
+# would turn 2.9 into 2 and "12" into [1, 2]). An int is accepted where a float is.
+
+def _structure_int(value: Any, _type: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _structure_float(value: Any, _type: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _structure_str(value: Any, _type: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _structure_bool(value: Any, _type: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+for _type, _hook in ((int, _structure_int), (float, _structure_float), (str, _structure_str),
+                     (bool, _structure_bool)):
+    _converter.register_structure_hook(_type, _hook)
+
+
+def _is_sequence_type(type_: Any) -> bool:
+    return typing.get_origin(type_) in (tuple, list, Sequence) or type_ in (tuple, list)
+
+
+def _structure_sequence(value: Any, type_: Any) -> Any:
+    """A list or tuple only (cattrs would iterate a string or a mapping), item by item."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list, got {value!r}")
+    args = typing.get_args(type_)
+    if typing.get_origin(type_) is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise TypeError(f"expected a list of {len(args)} items, got {value!r}")
+        types = args
+    else:
+        types = (args[0] if args else Any,) * len(value)
+    out, errors = [], []
+    for i, (item, item_type) in enumerate(zip(value, types)):
+        try:
+            out.append(_converter.structure(item, item_type))
+        except Exception as exc:
+            exc.__notes__ = [*getattr(exc, "__notes__", []),
+                             IterableValidationNote(f"Structuring {type_} @ index {i}", i,
+                                                    item_type)]
+            errors.append(exc)
+    if errors:
+        raise IterableValidationError(f"While structuring {type_!r}", errors, type_)
+    return list(out) if typing.get_origin(type_) is list or type_ is list else tuple(out)
+
+
+_converter.register_structure_hook_func(_is_sequence_type, _structure_sequence)
+
+
+def _structure_exclude(value: Any, _type: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a glob pattern or a list of them, got {value!r}")
+    return tuple(_converter.structure(value, tuple[str, ...]))
+
+
+def _mapping_first(cls: type, hook: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """Wrap an attrs class's structure hook: the input must be a table."""
+
+    def structure(value: Any, type_: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected a table (mapping) for {cls.__name__}, got {value!r}")
+        return hook(value, type_)
+
+    return structure
+
+
 def _structure_ref(cls: type[_Ref]) -> Callable[[Any, Any], _Ref]:
     def structure(value: Any, _type: Any) -> _Ref:
         if isinstance(value, str):
@@ -342,7 +537,7 @@ def _structure_ref(cls: type[_Ref]) -> Callable[[Any, Any], _Ref]:
             if not isinstance(name, str):
                 raise ValueError(
                     f"a table for a {cls.__name__} needs a 'name' key naming the strategy, "
-                    f"got keys {sorted(value)}"
+                    f"got keys {sorted(map(str, value))}"
                 )
             return cls(name, **params)
         raise TypeError(f"expected a name or a table with 'name', got {value!r}")
@@ -365,7 +560,9 @@ def _plain(value: Any) -> Any:
 
 
 def _structure_matches(value: Any, _type: Any) -> tuple[Match, ...]:
-    items = value if isinstance(value, list) else [value]
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError("'match' must name at least one matcher")
     return tuple(_structure_ref(Match)(v, Match) for v in items)
 
 
@@ -384,12 +581,25 @@ for _cls in (Match, RankRule, Decompose):
 
 _converter.register_structure_hook(
     Rule,
-    cattrs.gen.make_dict_structure_fn(
+    _mapping_first(Rule, cattrs.gen.make_dict_structure_fn(
         Rule,
         _converter,
         _cattrs_forbid_extra_keys=True,
         match=cattrs.gen.override(struct_hook=_structure_matches),
-    ),
+    )),
+)
+for _cls in (Calibration, Refine):
+    _converter.register_structure_hook(
+        _cls, _mapping_first(_cls, cattrs.gen.make_dict_structure_fn(
+            _cls, _converter, _cattrs_forbid_extra_keys=True)))
+_converter.register_structure_hook(
+    Spec,
+    _mapping_first(Spec, cattrs.gen.make_dict_structure_fn(
+        Spec,
+        _converter,
+        _cattrs_forbid_extra_keys=True,
+        exclude=cattrs.gen.override(struct_hook=_structure_exclude),
+    )),
 )
 def _unstructure_rule(rule: Rule) -> dict[str, Any]:
     data = {
@@ -399,7 +609,7 @@ def _unstructure_rule(rule: Rule) -> dict[str, Any]:
     }
     if rule.rounds:
         data["rounds"] = list(rule.rounds)
-    if rule.unsupported != "error":
+    if rule.unsupported != "skip":
         data["unsupported"] = rule.unsupported
     if rule.min_speedup is not None:
         data["min_speedup"] = rule.min_speedup
@@ -437,8 +647,10 @@ def _format(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, ForbiddenExtraKeysError):
         valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
         parts = []
-        for key in sorted(exc.extra_fields):
-            parts.append(f"unknown key {key!r}; {did_you_mean(key, valid)}")
+        for key in sorted(exc.extra_fields, key=repr):
+            hint = did_you_mean(key, valid) if isinstance(key, str) else \
+                f"available: {', '.join(sorted(valid)) or 'none'}"
+            parts.append(f"unknown key {key!r}; {hint}")
         return "; ".join(parts)
     if isinstance(exc, KeyError):
         return "required key missing"

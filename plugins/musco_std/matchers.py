@@ -169,18 +169,22 @@ class FactorizedMatcher(Matcher):
 @attrs.frozen
 class TypeParams:
     #: A class name; matches instances of that class or of a subclass (``"Conv2d"``).
-    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+    #: (Not ``name``: in a spec's table that key names the matcher itself.)
+    class_name: str = attrs.field(validator=attrs.validators.instance_of(str))
 
 
 class TypeMatcher(Matcher):
-    """Layers whose class, or one of its base classes, has the given name."""
+    """Layers whose class, or one of its base classes, has the given name.
+
+    In a spec: ``match = { name = "type", class_name = "Conv1d" }``.
+    """
 
     name = "type"
-    summary = "layers of a class (or subclass) by class name, e.g. name='Conv1d'"
+    summary = "layers of a class (or subclass) by class name, e.g. class_name='Conv1d'"
     Params = TypeParams
 
     def matches(self, name, module, params) -> bool:
-        return any(cls.__name__ == params.name for cls in type(module).__mro__)
+        return any(cls.__name__ == params.class_name for cls in type(module).__mro__)
 
 
 MATCHERS = (
