@@ -138,6 +138,16 @@ class Decomposition(Strategy):
         """
         raise NotImplementedError(f"{type(self).__name__} does not provide rank_matrices")
 
+    def data_rank_matrices(self, module: nn.Module, data: Any, params: Any) -> list[torch.Tensor]:
+        """Like :meth:`rank_matrices`, but of what the layer does on its calibration inputs.
+
+        ``data`` is the layer's :class:`musco_core.LayerData`. Spectrum-based rank
+        rules (``energy``, ``vbmf``) use this when the engine has statistics for the
+        layer, so they rank by the layer's output rather than its weights. The
+        default ignores the data and returns :meth:`rank_matrices`.
+        """
+        return self.rank_matrices(module)
+
     def validate_rank(self, module: nn.Module, rank: Rank) -> str | None:
         """Return a message if ``rank`` is not valid for ``module``, else ``None``."""
         full = rank_tuple(self.full_rank(module))

@@ -250,3 +250,58 @@ def test_refinement_touches_only_the_new_factors_and_stops_at_its_budget():
     result = refine(original, model, data, {"2": new}, Refine(steps=5, lr=1e-2))
     assert result["steps"] == 5 and len(calls) == 5
     assert all(torch.equal(before_model[k], v) for k, v in model.state_dict().items())
+
+
+def test_whitened_svd_passes_the_data_aware_conformance_check():
+    from musco_core.testing import check_data_aware
+    from musco_std.svd import SVDParams
+
+    check_data_aware(SVD(), SVDParams(whiten=True), SVDParams())
+
+
+def anisotropic_model_and_data():
+    from musco_core.testing import anisotropic_inputs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                          nn.Linear(24, 4)).eval()
+    x = anisotropic_inputs(8 * 64, 24, seed=5, condition=1e3).float()
+    return model, list(x.split(64))
+
+
+def test_whitened_svd_in_the_engine_lowers_the_output_error():
+    model, data = anisotropic_model_and_data()
+
+    def run(decomposition):
+        spec = Spec(rules=[Rule(match="linear", decomposition=decomposition,
+                                rank=RankRule("fixed", rank=6))], exclude=["4"],
+                    layers_per_step=1)
+        compressor = musco.Compressor(model, spec, data[0], calibration=data)
+        reports = [compressor.step() for _ in range(2)]
+        with torch.no_grad():
+            y, y_new = model(torch.cat(data)), compressor.model(torch.cat(data))
+        layer_errors = [r.layers[0].output_error for r in reports]
+        return layer_errors, float(torch.linalg.vector_norm(y - y_new) / torch.linalg.vector_norm(y))
+
+    plain_layers, plain = run("svd")
+    white_layers, white = run(musco.Decompose("svd", whiten=True))
+    assert all(w < p for w, p in zip(white_layers, plain_layers))
+    assert white < 0.8 * plain
+
+
+def test_energy_ranks_the_whitened_spectrum_when_the_engine_has_statistics():
+    model, data = anisotropic_model_and_data()
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                            rank=RankRule("energy", fraction=0.9))], exclude=["4"])
+    with_data = musco.Compressor(model, spec, data[0], calibration=data).step()
+    without = musco.Compressor(model, spec, data[0]).step()
+    ranks_with = [r.rank for r in with_data.layers]
+    ranks_without = [r.rank for r in without.layers]
+    # Inputs live in few directions: the output needs fewer ranks than the weight.
+    assert all(a < b for a, b in zip(ranks_with, ranks_without))
+    # With the whitened decomposition, keeping 90% of the whitened energy bounds the
+    # first layer's output error (bias aside): sqrt(1 - 0.9).
+    white = Spec(rules=[Rule(match="linear", decomposition=musco.Decompose("svd", whiten=True),
+                             rank=RankRule("energy", fraction=0.9))], exclude=["4"])
+    report = musco.Compressor(model, white, data[0], calibration=data).step()
+    assert report.layers[0].output_error <= (1 - 0.9) ** 0.5 + 1e-6

@@ -158,6 +158,16 @@ class ReductionParams:
 ParamReductionParams = FlopReductionParams = ReductionParams
 
 
+class _Spectral:
+    """Mixin of spectrum-based rules: with calibration data they rank the whitened spectrum."""
+
+    def needs(self, params) -> frozenset[str]:
+        return frozenset({"input_gram"})
+
+    def requires_calibration(self, params) -> bool:
+        return False
+
+
 class _PerLayer(RankSelector):
     """A rule driven by one value (``field``) with per-layer overrides (``mapping``).
 
@@ -282,6 +292,14 @@ def layer_spectra(layer, decomposition) -> tuple[list[tuple[np.ndarray, tuple[in
     Cached per module (see :data:`_SPECTRA`): asking twice for an unchanged layer
     costs nothing the second time.
     """
+    if getattr(layer, "data", None) is not None:
+        # Statistics of the calibration data: the spectrum of what the layer does on it
+        # (whitened), never cached (the data changes from step to step).
+        matrices = decomposition.data_rank_matrices(layer.module, layer.data, None)
+        full = rank_tuple(decomposition.full_rank(layer.module))
+        if len(matrices) == len(full):
+            return [(squared_singular_values(m), (int(m.shape[0]), int(m.shape[1])))
+                    for m in matrices], full
     key = _fingerprint(layer.module)
     hit = _SPECTRA.get(layer.module)
     if hit is not None and hit[1] == decomposition.name and _same(hit[0], key):
@@ -317,7 +335,7 @@ class VBMFParams:
     )
 
 
-class VBMF(_PerLayer):
+class VBMF(_Spectral, _PerLayer):
     """EVBMF rank of each of the decomposition's rank matrices, weakened towards the full rank.
 
     For each matrix ``Y_i`` of ``decomposition.rank_matrices(module)`` (SVD: the
@@ -368,7 +386,7 @@ class EnergyParams:
     )
 
 
-class Energy(_PerLayer):
+class Energy(_Spectral, _PerLayer):
     """Smallest rank keeping ``fraction`` of the spectral energy of each rank matrix.
 
     For each matrix of ``decomposition.rank_matrices(module)`` with singular
