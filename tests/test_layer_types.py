@@ -476,3 +476,14 @@ def test_matchers_are_registered():
     assert {"conv1d", "conv1d_k1", "conv1d_kxk", "hf_conv1d", "recurrent"} <= names
     decs = {m["name"] for m in musco.available()["decompositions"]}
     assert {"svd1d", "tucker2_1d", "svd_hf_conv1d", "svd_rnn"} <= decs
+
+
+def test_layer_types_page_runs_as_written(capsys):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "layer-types.md"
+    namespace: dict = {"__name__": "__docs__"}
+    for code in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
+        exec(compile(code, str(page), "exec"), namespace)
+    assert "skipped" in capsys.readouterr().out

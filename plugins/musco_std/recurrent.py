@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -41,25 +41,40 @@ class LowRankInput(nn.Module):
     def rank(self) -> int:
         return self.proj.out_features
 
-    def forward(self, input, hx=None):
-        if isinstance(input, PackedSequence):
-            input = PackedSequence(self.proj(input.data), input.batch_sizes,
-                                   input.sorted_indices, input.unsorted_indices)
-        else:
-            input = self.proj(input)
-        return self.rnn(input, hx)
+    def _project_packed(self, input: PackedSequence) -> PackedSequence:
+        return PackedSequence(self.proj(input.data), input.batch_sizes, input.sorted_indices,
+                              input.unsorted_indices)
+
+
+# One forward per layer type, typed as the stock layer's, so that TorchScript can compile
+# it; the PackedSequence branch is eager-only (TorchScript skips it).
 
 
 class LowRankInputLSTM(LowRankInput):
     """:class:`LowRankInput` around an ``nn.LSTM``."""
 
+    def forward(self, input: torch.Tensor, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        if not torch.jit.is_scripting() and isinstance(input, PackedSequence):
+            return self.rnn(self._project_packed(input), hx)
+        return self.rnn(self.proj(input), hx)
+
 
 class LowRankInputGRU(LowRankInput):
     """:class:`LowRankInput` around an ``nn.GRU``."""
 
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None):
+        if not torch.jit.is_scripting() and isinstance(input, PackedSequence):
+            return self.rnn(self._project_packed(input), hx)
+        return self.rnn(self.proj(input), hx)
+
 
 class LowRankInputRNN(LowRankInput):
     """:class:`LowRankInput` around an ``nn.RNN``."""
+
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None):
+        if not torch.jit.is_scripting() and isinstance(input, PackedSequence):
+            return self.rnn(self._project_packed(input), hx)
+        return self.rnn(self.proj(input), hx)
 
 
 _WRAPPERS = {nn.LSTM: LowRankInputLSTM, nn.GRU: LowRankInputGRU, nn.RNN: LowRankInputRNN}
