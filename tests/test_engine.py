@@ -360,7 +360,7 @@ rounds = [2]
 
 def test_type_matcher():
     model = nn.Sequential(nn.Conv1d(4, 8, 1), nn.Flatten(), nn.Linear(8 * 5, 2))
-    spec = Spec(rules=[Rule(match=musco.Match("type", name="Linear"), decomposition="svd",
+    spec = Spec(rules=[Rule(match=musco.Match("type", class_name="Linear"), decomposition="svd",
                             rank=RankRule("fixed", rank=1))])
     assert musco.Compressor(model, spec, torch.randn(1, 4, 5)).plan.layers == ("2",)
 
