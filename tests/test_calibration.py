@@ -305,3 +305,26 @@ def test_energy_ranks_the_whitened_spectrum_when_the_engine_has_statistics():
                              rank=RankRule("energy", fraction=0.9))], exclude=["4"])
     report = musco.Compressor(model, white, data[0], calibration=data).step()
     assert report.layers[0].output_error <= (1 - 0.9) ** 0.5 + 1e-6
+
+
+def test_budget_chooses_ranks_for_the_round_through_the_engine(tmp_path):
+    model, data = anisotropic_model_and_data()
+    spec = Spec(rules=[Rule(match="linear", decomposition=musco.Decompose("svd", whiten=True),
+                            rank=RankRule("budget", flop_reduction=1.5, grid=4))],
+                exclude=["4"], layers_per_step=1)
+    compressor = musco.Compressor(model, spec, data[0], calibration=data)
+    planned = {r.name: r for r in compressor.preview()}
+    chosen = compressor.joint_ranks[0]
+    assert set(chosen) == {"0", "2"}
+    assert all(planned[n].rank == chosen[n] for n in chosen if chosen[n] is not None)
+    before = sum(compressor.stats[n].flops for n in chosen)
+    after = sum(planned[n].flops_after if chosen[n] is not None else planned[n].flops_before
+                for n in chosen)
+    assert before / after >= 1.5 * 0.97
+    compressor.step()
+    compressor.save(tmp_path / "run.pt")
+    again = musco.Compressor.resume(tmp_path / "run.pt", model, calibration=data)
+    assert again.joint_ranks == compressor.joint_ranks  # chosen once per round, saved
+    again.step()
+    report = again.report()
+    assert report.model_flops_before > report.model_flops_after
