@@ -1,11 +1,18 @@
-"""Shared checks and geometry of kxk ``nn.Conv2d`` layers for the tucker2 / cp3 / cp4 plugins."""
+"""Shared checks, geometry and precision rules of the first-party decompositions.
+
+kxk ``nn.Conv2d`` checks and geometry serve tucker2 / cp3 / cp4; the precision
+and finiteness helpers (:func:`working_dtype`, :func:`check_finite`,
+:func:`checked_compress`) serve every decomposition, svd and rsvd included.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from musco_core import LayerStats, UnsupportedLayerError
+from musco_core import LayerStats, UnsupportedLayerError, relative_error
 
 
 def check_kxk_conv(name: str, module: nn.Module, decomposition: str) -> None:
@@ -73,8 +80,71 @@ def factor_kw(module: nn.Module) -> dict:
 
 
 def working_dtype(weight: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
+    """float64 stays float64; everything else (float16, bfloat16, float32) is computed in float32."""
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def working(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached and in its :func:`working_dtype`, on its device."""
+    return tensor.detach().to(working_dtype(tensor))
+
+
+def cast_factors(factors: Any, dtype: torch.dtype) -> Any:
+    """``factors`` (a tensor or a tuple / list of them, nested) cast to ``dtype``."""
+    if isinstance(factors, torch.Tensor):
+        return factors.to(dtype)
+    return type(factors)(cast_factors(f, dtype) for f in factors)
+
+
+def _tensors(factors: Any):
+    if isinstance(factors, torch.Tensor):
+        yield factors
+    else:
+        for f in factors:
+            yield from _tensors(f)
+
+
+def check_finite(tensor: torch.Tensor, what: str = "weight") -> None:
+    """Raise ``ValueError`` if ``tensor`` holds NaN or +-Inf, counting them.
+
+    The engine turns the error into a :class:`~musco_core.CompressionError`
+    naming the layer, before anything in the model changes.
+    """
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    inf = int((~finite).sum()) - nan
+    raise ValueError(
+        f"the {what} has non-finite values ({nan} NaN, {inf} Inf of {tensor.numel()} entries, "
+        f"dtype {str(tensor.dtype).removeprefix('torch.')}); a decomposition needs finite values"
+    )
+
+
+def check_finite_factors(factors: Any, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` if a factor holds NaN or +-Inf (e.g. it overflowed ``dtype``)."""
+    for i, f in enumerate(_tensors(factors)):
+        if not bool(torch.isfinite(f).all()):
+            check_finite(f, f"factor {i} computed from a finite weight (in "
+                            f"{str(dtype).removeprefix('torch.')})")
+
+
+def checked_compress(decomposition, module: nn.Module, rank, params) -> tuple[nn.Module, float]:
+    """The default compress chain with the precision and finiteness rules of the first-party plugins.
+
+    ``weight`` -> finite? -> ``decompose`` (each decomposition computes in
+    :func:`working_dtype` and returns factors in the weight's dtype) -> factors
+    finite? -> ``build``. The relative error is measured in the working dtype
+    between the weight and the reconstruction of the factors as stored (after
+    the cast back to the layer's dtype), so it is the error the layer really has.
+    """
+    weight = decomposition.weight(module).detach()
+    check_finite(weight)
+    factors = decomposition.decompose(weight, rank, params)
+    check_finite_factors(factors, weight.dtype)
+    work = working_dtype(weight)
+    approx = decomposition.reconstruct(cast_factors(factors, work))
+    return decomposition.build(module, factors), relative_error(weight.to(work), approx)
 
 
 def leading_left_vectors(x: torch.Tensor, rank: int) -> torch.Tensor:

@@ -12,12 +12,14 @@ from torch import nn
 from musco_core import Decomposition, LayerStats
 from musco_std._conv import (
     check_kxk_conv,
+    checked_compress,
     factor_kw,
     in_out_positions,
     non_negative,
     positive_int,
     same_padding,
     spatial,
+    working,
     working_dtype,
 )
 
@@ -66,6 +68,8 @@ class CP4Conv2d(nn.Module):
 
     #: Marks a factorized layer for the engine and the ``factorized`` matcher.
     musco_decomposition = "cp4"
+    #: Python-side helpers that ``torch.jit.script`` must not compile.
+    __jit_unused_properties__ = ["geometry"]
 
     def __init__(self, in_channels: int, rank: int, out_channels: int, kernel_size, *,
                  stride=1, padding=0, dilation=1, bias: bool = True, device=None, dtype=None):
@@ -95,7 +99,7 @@ class CP4Conv2d(nn.Module):
         return self.first.out_channels
 
     @property
-    def geometry(self) -> dict:
+    def geometry(self) -> dict[str, Any]:
         """kernel_size, stride, padding and dilation of the equivalent dense conv."""
         v, h = self.vertical, self.horizontal
         padding = v.padding if isinstance(v.padding, str) else (v.padding[0], h.padding[1])
@@ -188,8 +192,9 @@ def _svd_init(tensor: torch.Tensor, rank: int, generator: torch.Generator) -> li
     return factors
 
 
-def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float = 1e-8,
-           random_state: int = 0, line_search: bool = True) -> list[torch.Tensor]:
+def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 500, tol: float = 1e-5,
+           patience: int = 3, random_state: int = 0,
+           line_search: bool = True) -> list[torch.Tensor]:
     """CP decomposition of an N-way tensor by alternating least squares.
 
     .. math::  T \\approx \\sum_{r=1}^{R} a^{(0)}_r \\circ a^{(1)}_r \\circ \\dots
@@ -200,19 +205,29 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float
     completed with seeded random columns (``random_state``) where ``rank``
     exceeds a mode's size. Each ALS update solves
     ``A_n V = MTTKRP_n`` with ``V`` the Hadamard product of the other Gram
-    matrices, by a Cholesky solve in float64 with a tiny ridge
-    (``1e-12 trace(V) / R``) so rank-deficient starts stay solvable. The error
-    ``|T - T'|`` is tracked from the Gram matrices; iteration stops when a sweep
-    improves the relative error by less than ``tol`` or after ``n_iter_max``
-    sweeps. With ``line_search``, from the third sweep on the factors are also
-    extrapolated along the last sweep's step, ``F + sweep^(1/3) (F - F_prev)``
-    (Bro's line search, as in tensorly's ``linesearch=True``), and the extrapolated
-    factors are kept when their exact error is lower; this costs about one more
-    MTTKRP per sweep and shortens swamps. Finally each component's norm is shared
-    equally among its factors.
+    matrices, by a Cholesky solve with a tiny ridge (``1e-12 trace(V) / R``) so
+    rank-deficient starts stay solvable. With ``line_search``, from the third
+    sweep on the factors are also extrapolated along the last sweep's step,
+    ``F + sweep^(1/3) (F - F_prev)`` (Bro's line search, as in tensorly's
+    ``linesearch=True``), and the extrapolated factors are kept when their exact
+    error is lower; this costs about one more MTTKRP per sweep and shortens
+    swamps. Finally each component's norm is shared equally among its factors.
 
-    Computed in the tensor's precision (float32 for half types) on its device.
-    Returns the factors ``(I_n, R)`` in the tensor's dtype.
+    Stopping rule: the relative error ``e_k = |T - T'_k| / |T|`` is tracked from
+    the Gram matrices (exactly, from the residual, once it falls below ``1e-4``,
+    where the Gram formula loses digits). Iteration stops when ``e_k`` reaches
+    the precision of the input (``10 eps`` of float32 for float32 / half inputs,
+    of float64 for float64 ones), when the relative change
+    ``|e_{k-1} - e_k| / e_{k-1}`` stays below ``tol`` for ``patience``
+    consecutive sweeps, or after ``n_iter_max`` sweeps. A sweep that makes the
+    error worse is a change like any other, not a reason to stop: ALS crosses
+    swamps (nearly collinear components) where the error stalls and then
+    drops again.
+
+    All arithmetic is in float64 on the tensor's device, whatever its dtype:
+    the error is a small difference of large numbers and float32 hides
+    progress below about ``3e-4``. Returns the factors ``(I_n, R)`` in the
+    tensor's dtype.
 
     References
     ----------
@@ -222,7 +237,8 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float
     CP-decomposition", ICLR 2015.
     """
     dtype = tensor.dtype
-    t = tensor.detach().to(working_dtype(tensor))
+    t = tensor.detach().to(torch.float64)
+    floor = 10 * torch.finfo(working_dtype(tensor)).eps
     n_modes = t.ndim
     generator = torch.Generator().manual_seed(int(random_state))
     n_slices = math.prod(sorted(t.shape)[:-2])
@@ -237,11 +253,16 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float
         order = (mode, *[m for m in others if m != big], big)
         orders.append(order)
         permuted.append(t.permute(*order).contiguous())
-    grams = [(f.T @ f).to(torch.float64) for f in factors]
-    norm2 = float(torch.linalg.vector_norm(t.to(torch.float64)) ** 2)
+    grams = [f.T @ f for f in factors]
+    norm = float(torch.linalg.vector_norm(t))
+    norm2 = norm * norm
     eye = torch.eye(rank, dtype=torch.float64, device=t.device)
+
+    def exact_error(fs: list[torch.Tensor]) -> float:
+        return float(torch.linalg.vector_norm(t - cp_reconstruct(fs))) / norm
+
     error = math.inf
-    previous = None
+    stalled = 0
     for sweep in range(max(1, n_iter_max)):
         before = list(factors)
         for mode in range(n_modes):
@@ -249,27 +270,34 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float
             for m in range(n_modes):
                 if m != mode:
                     v = v * grams[m]
-            m_mat = _mttkrp(permuted[mode], factors, mode, orders[mode]).to(torch.float64)
+            m_mat = _mttkrp(permuted[mode], factors, mode, orders[mode])
             ridge = 1e-12 * float(torch.diagonal(v).sum()) / rank + 1e-300
             chol = torch.linalg.cholesky(v + ridge * eye)
             new = torch.cholesky_solve(m_mat.T, chol).T
-            factors[mode] = new.to(t.dtype)
+            factors[mode] = new
             grams[mode] = new.T @ new
+        if norm2 == 0:
+            break
         inner = float((m_mat * new).sum())
         rec2 = float((v * grams[n_modes - 1]).sum())
-        new_error = math.sqrt(max(norm2 - 2 * inner + rec2, 0.0) / norm2) if norm2 > 0 else 0.0
-        if line_search and previous is not None and sweep >= 2:
+        new_error = math.sqrt(max(norm2 - 2 * inner + rec2, 0.0) / norm2)
+        if new_error < 1e-4:  # the Gram formula has lost most digits here
+            new_error = exact_error(factors)
+        if line_search and sweep >= 2:
             # Extrapolate along the last sweep's step; keep it if the error drops.
             step = sweep ** (1.0 / 3.0)
             trial = [f + step * (f - b) for f, b in zip(factors, before)]
-            trial_error = float(torch.linalg.vector_norm(t - cp_reconstruct(trial))) / math.sqrt(norm2)
+            trial_error = exact_error(trial)
             if trial_error < new_error:
                 factors, new_error = trial, trial_error
-                grams = [(f.T @ f).to(torch.float64) for f in factors]
-        previous = before
-        if error - new_error < tol:
+                grams = [f.T @ f for f in factors]
+        if new_error <= floor:
             break
+        change = abs(error - new_error) / error if math.isfinite(error) and error > 0 else math.inf
+        stalled = stalled + 1 if change < tol else 0
         error = new_error
+        if stalled >= patience:
+            break
     # Share each component's norm equally among the factors.
     norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
     total = torch.stack(norms).prod(0)
@@ -290,9 +318,12 @@ def _int(instance, attribute, value) -> None:
 @attrs.frozen
 class CPParams:
     #: Maximum number of ALS sweeps.
-    n_iter_max: int = attrs.field(default=100, validator=positive_int)
-    #: Stop when a sweep improves the relative error by less than this.
-    tol: float = attrs.field(default=1e-8, validator=non_negative)
+    n_iter_max: int = attrs.field(default=500, validator=positive_int)
+    #: Stop when the relative error changes by less than this fraction of itself
+    #: (``|e_prev - e| / e_prev < tol``) for ``patience`` consecutive sweeps.
+    tol: float = attrs.field(default=1e-5, validator=non_negative)
+    #: Consecutive sweeps below ``tol`` before stopping.
+    patience: int = attrs.field(default=3, validator=positive_int)
     #: Seed of the random start columns (only used when the rank exceeds a mode's size
     #: and is below the number of slices; the result is deterministic for a seed).
     random_state: int = attrs.field(default=0, validator=_int)
@@ -365,16 +396,38 @@ class _CPBase(Decomposition):
         Spectrum-based rank rules (vbmf, energy) then see a matrix rank, a heuristic
         for a CP rank; prefer ``param_reduction`` / ``flop_reduction`` for CP.
         """
-        w = self.weight(module).detach()
+        w = working(self.weight(module))
         return [w.reshape(w.shape[0], -1)]
 
     def weight(self, module: nn.Module) -> torch.Tensor:
+        """The conv weight; for a factorized module its reconstruction.
+
+        The reconstruction is formed in float32 (float64 for float64 layers) and
+        returned in the layer's dtype.
+        """
         if isinstance(module, self.factorized):
-            return self.reconstruct(self._factors_of(module))
+            dtype = module.first.weight.dtype
+            factors = [working(f) for f in self._factors_of(module)]
+            return self.reconstruct(factors).to(dtype)
         return module.weight
 
     def _factors_of(self, module: nn.Module):
         raise NotImplementedError
+
+    def compress(self, module: nn.Module, rank: int, params: Any) -> tuple[nn.Module, float]:
+        """As the base class, with a finiteness check of the weight and of the factors.
+
+        Raises ``ValueError`` when the weight (or a factor, e.g. one that overflowed
+        float16) holds NaN or Inf; the engine reports it naming the layer.
+        """
+        return checked_compress(self, module, rank, params)
+
+    def skeleton(self, module: nn.Module, rank: int, params: Any = None) -> nn.Module:
+        """The module :meth:`compress` builds at ``rank``, from shapes alone (weights uninitialised).
+
+        No ALS runs, so it is cheap and works on any device, ``meta`` included.
+        """
+        return self._new(module, rank)
 
     def _new(self, module: nn.Module, rank: int) -> nn.Module:
         n_in, n_out, _, _, bias = self._dims(module)
@@ -422,8 +475,8 @@ class CP3(_CPBase):
         params = params if params is not None else CPParams()
         cout, cin, kh, kw = weight.shape
         a, b, c = cp_als(weight.reshape(cout, cin, kh * kw), rank, n_iter_max=params.n_iter_max,
-                         tol=params.tol, random_state=params.random_state,
-                         line_search=params.line_search)
+                         tol=params.tol, patience=params.patience,
+                         random_state=params.random_state, line_search=params.line_search)
         return b.T.contiguous(), c.T.reshape(rank, kh, kw).contiguous(), a
 
     def reconstruct(self, factors) -> torch.Tensor:
@@ -485,7 +538,8 @@ class CP4(_CPBase):
     def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
         params = params if params is not None else CPParams()
         a, b, v, h = cp_als(weight, rank, n_iter_max=params.n_iter_max, tol=params.tol,
-                            random_state=params.random_state, line_search=params.line_search)
+                            patience=params.patience, random_state=params.random_state,
+                            line_search=params.line_search)
         return b.T.contiguous(), v.T.contiguous(), h.T.contiguous(), a
 
     def reconstruct(self, factors) -> torch.Tensor:

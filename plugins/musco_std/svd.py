@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from musco_core import Decomposition, LayerStats, UnsupportedLayerError
+from musco_std._conv import checked_compress, working
 
 
 class SVDLinear(nn.Module):
@@ -59,10 +60,15 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     ``weight`` has shape (out, in); returns ``first`` (rank, in) and ``second``
     (out, rank), the singular values split evenly between them
     (``second = U_r S_r^1/2``, ``first = S_r^1/2 V_r^T``).
+
+    Computed in float32 (float64 for float64 weights) on the weight's device;
+    the factors come back in the weight's dtype.
     """
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    u, s, vh = torch.linalg.svd(working(weight), full_matrices=False)
     root = s[:rank].sqrt()
-    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+    first, second = root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+    return first.to(weight.dtype), second.to(weight.dtype)
+
 
 
 @attrs.frozen
@@ -132,11 +138,17 @@ class SVD(Decomposition):
         return rank if rank >= 1 else None
 
     def weight(self, module: nn.Module) -> torch.Tensor:
+        """The (out, in) weight matrix; for a factorized layer ``second @ first``.
+
+        The product is formed in float32 (float64 for float64 layers) and returned
+        in the layer's dtype.
+        """
         n_in, n_out, _ = self._dims(module)
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             return module.weight.reshape(n_out, n_in)
-        first = module.first.weight.reshape(module.rank, n_in)
-        return module.second.weight.reshape(n_out, module.rank) @ first
+        dtype = module.first.weight.dtype
+        first = working(module.first.weight).reshape(module.rank, n_in)
+        return (working(module.second.weight).reshape(n_out, module.rank) @ first).to(dtype)
 
     def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
         """The weight matrix; for a factorized layer, its r x r core.
@@ -146,22 +158,32 @@ class SVD(Decomposition):
         ``A^T = Q_a R_a`` and ``B = Q_b R_b``, ``W = Q_b (R_b R_a^T) Q_a^T``: the core
         ``R_b R_a^T`` carries the same non-zero singular values in an r x r matrix, as
         MUSCO analyses the core of an already compressed layer in later rounds.
+
+        The matrices are in float32 for float16 / bfloat16 layers (float64 stays float64).
         """
         if not isinstance(module, (SVDLinear, SVDConv1x1)):
-            return [self.weight(module).detach()]
+            return [working(self.weight(module))]
         n_in, n_out, _ = self._dims(module)
-        a = module.first.weight.detach().reshape(module.rank, n_in)
-        b = module.second.weight.detach().reshape(n_out, module.rank)
+        a = working(module.first.weight).reshape(module.rank, n_in)
+        b = working(module.second.weight).reshape(n_out, module.rank)
         r_a = torch.linalg.qr(a.T, mode="r").R
         r_b = torch.linalg.qr(b, mode="r").R
         return [r_b @ r_a.T]
 
+    def compress(self, module: nn.Module, rank: int, params: Any) -> tuple[nn.Module, float]:
+        """As the base class, with a finiteness check of the weight and of the factors.
+
+        Raises ``ValueError`` when the weight (or a factor, e.g. one that overflowed
+        float16) holds NaN or Inf; the engine reports it naming the layer.
+        """
+        return checked_compress(self, module, rank, params)
+
     def skeleton(self, module: nn.Module, rank: int, params: Any = None) -> nn.Module:
-        n_in, n_out, _ = self._dims(module)
-        ref = self.weight(module)
-        zeros = {"device": ref.device, "dtype": ref.dtype}
-        return self.build(module, (torch.zeros(rank, n_in, **zeros),
-                                   torch.zeros(n_out, rank, **zeros)))
+        """The module :meth:`compress` builds at ``rank``, from shapes alone (weights uninitialised).
+
+        No math runs, so it is cheap and works on any device, ``meta`` included.
+        """
+        return self._new(module, rank)
 
     def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
         return svd_factors(weight, rank)
@@ -170,23 +192,26 @@ class SVD(Decomposition):
         first, second = factors
         return second @ first
 
-    def build(self, module: nn.Module, factors) -> nn.Module:
-        first, second = factors
-        rank = first.shape[0]
+    def _new(self, module: nn.Module, rank: int) -> nn.Module:
+        """An empty :class:`SVDLinear` / :class:`SVDConv1x1` of ``rank`` replacing ``module``."""
         n_in, n_out, bias = self._dims(module)
-        # For a factorized module the input side comes from `first`, the bias from `second`.
+        # For a factorized module the input side comes from `first`.
         inner = module.first if isinstance(module, (SVDLinear, SVDConv1x1)) else module
-        last = module.second if isinstance(module, (SVDLinear, SVDConv1x1)) else module
         kw = {"device": inner.weight.device, "dtype": inner.weight.dtype}
         if isinstance(inner, nn.Linear):
-            new: nn.Module = SVDLinear(n_in, rank, n_out, bias=bias, **kw)
-        else:
-            new = SVDConv1x1(n_in, rank, n_out, stride=inner.stride, padding=inner.padding,
-                             dilation=inner.dilation, padding_mode=inner.padding_mode,
-                             bias=bias, **kw)
+            return SVDLinear(n_in, rank, n_out, bias=bias, **kw)
+        return SVDConv1x1(n_in, rank, n_out, stride=inner.stride, padding=inner.padding,
+                          dilation=inner.dilation, padding_mode=inner.padding_mode,
+                          bias=bias, **kw)
+
+    def build(self, module: nn.Module, factors) -> nn.Module:
+        first, second = factors
+        new = self._new(module, first.shape[0])
+        # For a factorized module the bias comes from `second`.
+        last = module.second if isinstance(module, (SVDLinear, SVDConv1x1)) else module
         with torch.no_grad():
             new.first.weight.copy_(first.reshape(new.first.weight.shape))
             new.second.weight.copy_(second.reshape(new.second.weight.shape))
-            if bias:
+            if last.bias is not None:
                 new.second.bias.copy_(last.bias)
         return new

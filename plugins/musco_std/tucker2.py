@@ -11,12 +11,17 @@ from torch import nn
 
 from musco_core import Decomposition, LayerStats, relative_error
 from musco_std._conv import (
+    cast_factors,
+    check_finite,
+    check_finite_factors,
     check_kxk_conv,
+    checked_compress,
     factor_kw,
     in_out_positions,
     leading_left_vectors,
     non_negative,
     positive_int,
+    working,
     working_dtype,
 )
 
@@ -215,11 +220,17 @@ class Tucker2(Decomposition):
         return best
 
     def weight(self, module: nn.Module) -> torch.Tensor:
+        """The conv weight; for a :class:`Tucker2Conv2d` its reconstruction.
+
+        The reconstruction is formed in float32 (float64 for float64 layers) and
+        returned in the layer's dtype.
+        """
         if isinstance(module, Tucker2Conv2d):
             r_in, r_out = module.rank
-            return tucker2_reconstruct(module.first.weight.reshape(r_in, -1),
-                                       module.core.weight,
-                                       module.last.weight.reshape(-1, r_out))
+            dense = tucker2_reconstruct(working(module.first.weight).reshape(r_in, -1),
+                                        working(module.core.weight),
+                                        working(module.last.weight).reshape(-1, r_out))
+            return dense.to(module.core.weight.dtype)
         return module.weight
 
     def rank_matrices(self, module: nn.Module) -> list[torch.Tensor]:
@@ -231,16 +242,18 @@ class Tucker2(Decomposition):
         the unfoldings of ``G'`` have the same non-zero singular values as the
         weight's, without the exact zeros that would hide the noise from EVBMF
         (MUSCO applies VBMF to the core in later rounds).
+
+        The matrices are in float32 for float16 / bfloat16 layers (float64 stays float64).
         """
         if isinstance(module, Tucker2Conv2d):
             r_in, r_out = module.rank
-            first = module.first.weight.detach().reshape(r_in, -1)
-            last = module.last.weight.detach().reshape(module.last.weight.shape[0], r_out)
+            first = working(module.first.weight).reshape(r_in, -1)
+            last = working(module.last.weight).reshape(module.last.weight.shape[0], r_out)
             r_f = torch.linalg.qr(first.T, mode="r").R
             r_l = torch.linalg.qr(last, mode="r").R
-            g = torch.einsum("xa,abhw,yb->xyhw", r_l, module.core.weight.detach(), r_f)
+            g = torch.einsum("xa,abhw,yb->xyhw", r_l, working(module.core.weight), r_f)
             return [g.transpose(0, 1).reshape(r_in, -1), g.reshape(r_out, -1)]
-        w = self.weight(module).detach()
+        w = working(self.weight(module))
         return [w.transpose(0, 1).reshape(w.shape[1], -1), w.reshape(w.shape[0], -1)]
 
     def compress(self, module: nn.Module, rank: tuple[int, int], params: Any) -> tuple[nn.Module, float]:
@@ -251,20 +264,42 @@ class Tucker2(Decomposition):
         on the small ``(r_out, r_in, kh, kw)`` tensor ``G x_0 T_L x_1 T_F`` is HOOI on
         the dense weight (same error), and its new 1x1 factors fold into ``Q_L``
         and ``Q_F``. The layer stays three convs and the dense weight is never formed.
+
+        All of it runs in float32 (float64 for float64 layers) on the layer's device;
+        the new factors are cast to the layer's dtype. Raises ``ValueError`` when the
+        weight or a factor holds NaN or Inf.
         """
         if not isinstance(module, Tucker2Conv2d):
-            return super().compress(module, rank, params)
+            return checked_compress(self, module, rank, params)
         params = params if params is not None else Tucker2Params()
         r_in, r_out = module.rank
-        first = module.first.weight.detach().reshape(r_in, -1)
-        last = module.last.weight.detach().reshape(-1, r_out)
+        dtype = module.core.weight.dtype
+        first = working(module.first.weight).reshape(r_in, -1)
+        last = working(module.last.weight).reshape(-1, r_out)
+        core = working(module.core.weight)
+        for what, t in (("weight of 'first'", first), ("weight of 'core'", core),
+                        ("weight of 'last'", last)):
+            check_finite(t, what)
         q_l, t_l = torch.linalg.qr(last)
         q_f, t_f = torch.linalg.qr(first.T)
-        small = tucker2_reconstruct(t_f.T, module.core.weight.detach(), t_l)
-        f2, core, l2 = tucker2_hooi(small, tuple(rank), n_iter_max=params.n_iter_max,
-                                    tol=params.tol)
-        error = relative_error(small, tucker2_reconstruct(f2, core, l2))
-        return self.build(module, (f2 @ q_f.T, core, q_l @ l2)), error
+        small = tucker2_reconstruct(t_f.T, core, t_l)
+        f2, core2, l2 = tucker2_hooi(small, tuple(rank), n_iter_max=params.n_iter_max,
+                                     tol=params.tol)
+        factors = cast_factors((f2 @ q_f.T, core2, q_l @ l2), dtype)
+        check_finite_factors(factors, dtype)
+        if dtype == small.dtype:  # orthonormal Q's: the small tensor's error is the layer's
+            error = relative_error(small, tucker2_reconstruct(f2, core2, l2))
+        else:  # measure what the cast to a half type costs too, on the dense weights
+            error = relative_error(tucker2_reconstruct(first, core, last),
+                                   tucker2_reconstruct(*cast_factors(factors, small.dtype)))
+        return self.build(module, factors), error
+
+    def skeleton(self, module: nn.Module, rank: tuple[int, int], params: Any = None) -> nn.Module:
+        """The module :meth:`compress` builds at ``rank``, from shapes alone (weights uninitialised).
+
+        No HOOI runs, so it is cheap and works on any device, ``meta`` included.
+        """
+        return self._new(module, tuple(rank))
 
     def decompose(self, weight: torch.Tensor, rank: tuple[int, int], params: Any = None):
         params = params if params is not None else Tucker2Params()
@@ -273,14 +308,19 @@ class Tucker2(Decomposition):
     def reconstruct(self, factors) -> torch.Tensor:
         return tucker2_reconstruct(*factors)
 
-    def build(self, module: nn.Module, factors) -> nn.Module:
-        first, core, last = factors
+    def _new(self, module: nn.Module, rank: tuple[int, int]) -> Tucker2Conv2d:
+        """An empty :class:`Tucker2Conv2d` of ``rank = (r_in, r_out)`` replacing ``module``."""
         n_in, n_out, _, bias = self._dims(module)
         conv = module.core if isinstance(module, Tucker2Conv2d) else module
+        return Tucker2Conv2d(n_in, rank, n_out, conv.kernel_size, stride=conv.stride,
+                             padding=conv.padding, dilation=conv.dilation, bias=bias,
+                             **factor_kw(module))
+
+    def build(self, module: nn.Module, factors) -> nn.Module:
+        first, core, last = factors
+        bias = self._dims(module)[3]
         bias_src = module.last if isinstance(module, Tucker2Conv2d) else module
-        new = Tucker2Conv2d(n_in, (core.shape[1], core.shape[0]), n_out, conv.kernel_size,
-                            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                            bias=bias, **factor_kw(module))
+        new = self._new(module, (core.shape[1], core.shape[0]))
         with torch.no_grad():
             new.first.weight.copy_(first.reshape(new.first.weight.shape))
             new.core.weight.copy_(core)

@@ -31,6 +31,8 @@ def randomized_svd_factors(weight: torch.Tensor, rank: int, params: RSVDParams):
     Uses ``torch.svd_lowrank`` with ``rank + oversample`` random directions and
     ``n_iter`` power iterations, then keeps the leading ``rank`` triplets. The
     singular values are split evenly between the factors, as ``svd`` does.
+    Computed in float32 (float64 for float64 weights) on the weight's device; the
+    factors come back in the weight's dtype.
 
     References
     ----------
@@ -38,16 +40,22 @@ def randomized_svd_factors(weight: torch.Tensor, rank: int, params: RSVDParams):
     SIAM Review 53 (2011).
     """
     q = min(rank + params.oversample, *weight.shape)
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     devices = [weight.device] if weight.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(params.seed)
-        u, s, v = torch.svd_lowrank(weight, q=q, niter=params.n_iter)
+        u, s, v = torch.svd_lowrank(weight.detach().to(work), q=q, niter=params.n_iter)
     root = s[:rank].sqrt()
-    return root[:, None] * v[:, :rank].T, u[:, :rank] * root[None, :]
+    first, second = root[:, None] * v[:, :rank].T, u[:, :rank] * root[None, :]
+    return first.to(weight.dtype), second.to(weight.dtype)
 
 
 class RandomizedSVD(SVD):
-    """Truncated SVD computed by random projection: fast for large layers at small ranks."""
+    """Truncated SVD computed by random projection: fast for large layers at small ranks.
+
+    Inherits from ``svd`` everything but the factorization: the module types, the
+    counts, the finiteness checks of ``compress`` and the shape-only ``skeleton``.
+    """
 
     name = "rsvd"
     summary = "randomized truncated SVD (torch.svd_lowrank) of Linear / 1x1 conv weights"
