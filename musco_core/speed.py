@@ -12,22 +12,29 @@ channel counts use slower kernels). Measure on the hardware you deploy to::
 
 All models run in eval mode under ``torch.inference_mode`` in one process, interleaved
 (every repeat times each model and format once, in rotating order), so that a machine
-getting busier or quieter affects them alike.
+getting busier or quieter affects them alike. Each measurement is a
+:class:`torch.utils.benchmark.Timer` measurement (``blocked_autorange``), which
+synchronises CUDA (and other accelerators) before reading the clock, so GPU timings
+measure the work and not only the kernel launches, and which runs the model under the
+requested thread count.
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
+from torch.utils import benchmark as _benchmark
 
 from musco_core.stats import run_model
+
+#: The timer class used by :func:`benchmark` (tests replace it with a fake one).
+Timer = _benchmark.Timer
 
 #: Memory format names accepted by :func:`benchmark`.
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -139,18 +146,26 @@ def benchmark(
     repeats: int = 10,
     num_threads: int | None = None,
     baseline_name: str = "original",
+    min_run_time: float = 0.0,
 ) -> SpeedReport:
     """Time ``model`` and ``compressed`` side by side on ``example_inputs``.
 
     :param model: the reference (uncompressed) model; not modified (copies are timed).
     :param compressed: the compressed model, or ``{name: model}`` for several variants.
     :param example_inputs: a tensor, a tuple of positional arguments or a dict of keyword
-        arguments; 4-d tensors are converted to each memory format.
+        arguments; 4-d tensors are converted to each memory format. Models and inputs
+        stay on their device: put both on the GPU to time there.
     :param memory_formats: names from :data:`MEMORY_FORMATS`.
-    :param warmup: untimed calls per model and format before timing (oneDNN picks and
-        caches kernels on the first calls).
-    :param repeats: timed calls per model and format; the report keeps every time.
-    :param num_threads: ``torch.set_num_threads`` for the measurement (restored after).
+    :param warmup: untimed calls per model and format before timing (oneDNN and cuDNN
+        pick and cache kernels on the first calls).
+    :param repeats: measurements per model and format; the report keeps every one.
+    :param num_threads: torch threads for the measurement (default: the current
+        ``torch.get_num_threads()``; restored after).
+    :param min_run_time: seconds each measurement runs at least: one
+        :meth:`torch.utils.benchmark.Timer.blocked_autorange` call, whose median
+        per-call time is one entry of :attr:`Timing.times`. With the default 0 a
+        measurement is one untimed call (the Timer's block-size estimate) and one timed
+        block (one call for anything slower than ~1 ms).
     :returns: a :class:`SpeedReport` with medians, speedups and :meth:`~SpeedReport.advice`.
     """
     unknown = [f for f in memory_formats if f not in MEMORY_FORMATS]
@@ -158,32 +173,36 @@ def benchmark(
         raise ValueError(f"unknown memory format(s) {unknown}; valid: {sorted(MEMORY_FORMATS)}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if min_run_time < 0:
+        raise ValueError(f"need min_run_time >= 0, got {min_run_time}")
     variants = {baseline_name: model}
     if isinstance(compressed, nn.Module):
         variants["compressed"] = compressed
     else:
         variants.update(compressed)
-    runs = []  # (name, format name, model copy, inputs)
+    threads = torch.get_num_threads()
+    n_threads = num_threads if num_threads is not None else threads
+    runs = []  # (name, format name, model copy, inputs, timer)
     for fname in memory_formats:
         fmt = MEMORY_FORMATS[fname]
         inputs = _to_format(example_inputs, fmt)
         for name, m in variants.items():
-            runs.append((name, fname, copy.deepcopy(m).eval().to(memory_format=fmt), inputs))
-    times: dict[tuple[str, str], list[float]] = {(n, f): [] for n, f, _, _ in runs}
-    threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
+            work = copy.deepcopy(m).eval().to(memory_format=fmt)
+            timer = Timer(stmt="run_model(model, inputs)", num_threads=n_threads,
+                          globals={"run_model": run_model, "model": work, "inputs": inputs})
+            runs.append((name, fname, work, inputs, timer))
+    times: dict[tuple[str, str], list[float]] = {(n, f): [] for n, f, *_ in runs}
+    torch.set_num_threads(n_threads)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode():  # grad mode is thread-local: it holds inside the Timer
             for _ in range(warmup):
-                for _, _, m, inputs in runs:
+                for _, _, m, inputs, _ in runs:
                     run_model(m, inputs)
             for i in range(repeats):
                 shift = i % len(runs)
-                for name, fname, m, inputs in runs[shift:] + runs[:shift]:
-                    start = time.perf_counter()
-                    run_model(m, inputs)
-                    times[(name, fname)].append(time.perf_counter() - start)
+                for name, fname, _, _, timer in runs[shift:] + runs[:shift]:
+                    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+                    times[(name, fname)].append(float(measurement.median))
     finally:
         torch.set_num_threads(threads)
     timings = tuple(Timing(n, f, tuple(ts)) for (n, f), ts in times.items())
