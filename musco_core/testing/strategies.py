@@ -164,16 +164,28 @@ def tucker2_weight(shape: tuple[int, ...], ranks: tuple[int, int], *, seed: int 
     return torch.einsum("rs...,or,is->oi...", core, u_out, u_in)
 
 
-def cp_weight(shape: tuple[int, ...], rank: int, *, seed: int = 0) -> torch.Tensor:
+def cp_weight(shape: tuple[int, ...], rank: int, *, seed: int = 0,
+              collinearity: float = 0.0) -> torch.Tensor:
     """An exact CP tensor of ``rank`` over the modes of ``shape`` (any number of modes).
 
     Factor columns are unit-norm Gaussian vectors, component weights lie in
-    ``[1, 2]``; well conditioned when ``rank`` is below the mode sizes.
+    ``[1, 2]``; well conditioned when ``rank`` is below the mode sizes. With
+    ``collinearity = c`` in ``[0, 1)`` every column of a mode is
+    ``sqrt(c) g + sqrt(1 - c) e_r`` (``g`` shared by the mode's columns) before
+    normalisation, so columns have a mean cosine of about ``c``: the nearly
+    collinear components that slow ALS down ("swamps").
     """
+    if not 0 <= collinearity < 1:
+        raise ValueError(f"collinearity must be in [0, 1), got {collinearity!r}")
     g = _generator(seed)
     factors = []
     for n in shape:
-        f = torch.randn(n, rank, generator=g, dtype=torch.float64)
+        if collinearity:
+            common = torch.randn(n, 1, generator=g, dtype=torch.float64)
+            f = (math.sqrt(collinearity) * common + math.sqrt(1 - collinearity)
+                 * torch.randn(n, rank, generator=g, dtype=torch.float64))
+        else:
+            f = torch.randn(n, rank, generator=g, dtype=torch.float64)
         factors.append(f / torch.linalg.vector_norm(f, dim=0).clamp_min(1e-12))
     weights = 1 + torch.rand(rank, generator=g, dtype=torch.float64)
     factors[0] = factors[0] * weights

@@ -61,6 +61,10 @@ class RandomizedSVD(SVD):
     summary = "randomized truncated SVD (torch.svd_lowrank) of Linear / 1x1 conv weights"
     Params = RSVDParams
 
+    def needs(self, params) -> frozenset[str]:
+        """rsvd fits the weight alone: it uses no calibration statistics."""
+        return frozenset()
+
     def decompose(self, weight, rank, params=None):
         return randomized_svd_factors(weight, rank, params or RSVDParams())
 
