@@ -137,6 +137,14 @@ def cmd_inspect(args) -> None:
         before = sum(first.params_before for first, _ in history.values())
         after = sum(last.params_after for _, last in history.values())
         print(f"compressed layers: {before} -> {after} parameters ({before / max(after, 1):.2f}x)")
+    if args.plot:
+        from musco_core.plot import plot_run, report_from_state
+
+        try:
+            plot_run(report_from_state(state), args.plot)
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"picture of the run in {args.plot}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="summarise a directory or state file from 'compress'")
     p.add_argument("path")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="also draw the run (per layer and per step) to this image; needs "
+                        "matplotlib")
     p.set_defaults(run=cmd_inspect)
     return parser
 

@@ -222,3 +222,9 @@ class RunReport:
         ]
         latest = [last for _, last in self.layers.values()]
         return "\n".join(lines) + "\n" + format_table(latest)
+
+    def plot(self, path=None):
+        """Draw the run and save it to ``path`` (needs matplotlib); see :func:`musco_core.plot.plot_run`."""
+        from musco_core.plot import plot_run
+
+        return plot_run(self, path)
