@@ -138,3 +138,18 @@ def test_frozen_layers_stay_out():
     _, new = compress_step(compressor, optimizer)        # "0" is frozen: its factors too
     assert not any(p is q for g in new.param_groups for p in g["params"]
                    for q in model[0].parameters())
+
+
+def test_fine_tuning_page_runs_as_written():
+    """The self-contained blocks of docs/fine-tuning.md (not the Lightning / torchrun ones)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "fine-tuning.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    runnable = [b for b in blocks if "lightning" not in b and "torchrun" not in b
+                and "dist." not in b]
+    assert len(runnable) == 3
+    namespace: dict = {"__name__": "__docs__"}
+    for code in runnable:
+        exec(compile(code, "docs/fine-tuning.md", "exec"), namespace)

@@ -170,3 +170,16 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     # the factors were trained after the last step, and DDP kept them in sync
     assert states[0]["trained_after_last_step"]
+
+
+@pytest.mark.slow  # ~15 s of CPU, minutes on a loaded 2-core machine
+def test_example_lightning_fashion_mnist_smoke():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "docs" / "examples" / "lightning_fashion_mnist.py"
+    spec = importlib.util.spec_from_file_location("_example_lightning_fashion_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--limit", "256", "--batch-size", "128"])
+    assert result["done"] and result["params_after"] < result["params_before"] / 2
+    assert 0.0 <= result["val_acc"] <= 1.0
