@@ -10,6 +10,14 @@ import torch
 from hypothesis import given
 from torch import nn
 
+from musco_core.testing.checks import (
+    check_factorized_module_class,
+    check_reconstruction_reference,
+    cp3_reference,
+    cp4_reference,
+    svd_reference,
+    tucker2_reference,
+)
 from musco_core.testing import (
     CHECKS,
     DEFAULT_LAYERS,
@@ -44,7 +52,10 @@ CP_OPTIONS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@parametrize_with_checks([SVD(), Tucker2(), (CP3(), CP_OPTIONS), (CP4(), CP_OPTIONS)])
+@parametrize_with_checks([(SVD(), {"reference": svd_reference}),
+                          (Tucker2(), {"reference": tucker2_reference}),
+                          (CP3(), {**CP_OPTIONS, "reference": cp3_reference}),
+                          (CP4(), {**CP_OPTIONS, "reference": cp4_reference})])
 def test_first_party_decompositions_conform(decomposition, check):
     check(decomposition)
 
@@ -94,7 +105,18 @@ class MutatesInput(SVD):
         return super().compress(module, rank, params)
 
 
+class BareSequential(SVD):
+    """Builds the two factor layers as an anonymous ``nn.Sequential``."""
+
+    name = "bare_sequential"
+
+    def build(self, module, factors):
+        new = super().build(module, factors)
+        return nn.Sequential(new.first, new.second)
+
+
 @pytest.mark.parametrize("broken, failing", [
+    (BareSequential(), ["check_factorized_module_class"]),
     (WrongParamCount(), ["check_param_count"]),
     (DropsBias(), ["check_forward_equivalence"]),
     (ForgetsStride(), ["check_flop_count", "check_forward_equivalence"]),
@@ -115,6 +137,37 @@ def test_single_checks_name_layer_and_rank():
         check_flop_count(ForgetsStride())
     with pytest.raises(AssertionError, match="drops_bias on 'linear'"):
         check_forward_equivalence(DropsBias())
+
+
+def test_a_bare_sequential_is_caught_naming_the_layer():
+    with pytest.raises(AssertionError, match="bare_sequential on 'linear': compress returned a "
+                                             "bare torch.nn.modules.container.Sequential"):
+        check_factorized_module_class(BareSequential())
+
+
+def test_a_reconstruct_that_disagrees_with_tensorly_is_caught():
+    class ScaledReconstruct(SVD):
+        name = "scaled_reconstruct"
+
+        def reconstruct(self, factors):
+            return 1.01 * super().reconstruct(factors)
+
+    with pytest.raises(AssertionError, match="reconstruct against the reference"):
+        check_reconstruction_reference(ScaledReconstruct(), reference=svd_reference)
+    with pytest.raises(AssertionError, match="reconstruct against the reference"):
+        check_reconstruction_reference(TransposedCP3(), reference=cp3_reference,
+                                       params=CPParams(n_iter_max=3))
+
+
+class TransposedCP3(CP3):
+    """reconstruct reads the depthwise kernel flipped: disagrees with tensorly."""
+
+    name = "transposed_cp3"
+
+    def reconstruct(self, factors):
+        first, depthwise, last = factors
+        flipped = depthwise.flip(-1).flip(-2)
+        return torch.einsum("or,rhw,ri->oihw", last, flipped, first)
 
 
 def test_a_decomposition_without_supported_layers_fails():

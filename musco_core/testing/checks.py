@@ -26,9 +26,11 @@ from musco_core.testing.strategies import ConvConfig, LinearConfig
 
 __all__ = [
     "CHECKS", "DEFAULT_LAYERS", "check_compress_keeps_input", "check_decomposition",
-    "check_flop_count", "check_forward_equivalence", "check_param_count",
-    "check_planted_recovery", "check_rank_for_param_count", "check_recompression",
-    "check_supports_some_layer", "check_validate_rank", "parametrize_with_checks",
+    "check_factorized_module_class", "check_flop_count", "check_forward_equivalence",
+    "check_param_count", "check_planted_recovery", "check_rank_for_param_count",
+    "check_recompression", "check_reconstruction_reference", "check_supports_some_layer",
+    "check_validate_rank", "cp3_reference", "cp4_reference", "parametrize_with_checks",
+    "svd_reference", "tucker2_reference",
 ]
 
 #: Small float64 layers covering what decompositions must get right: bias or not,
@@ -287,11 +289,111 @@ def check_recompression(decomposition: Decomposition, *, layers=None, params=Non
             f"to {param_count(again)} params")
 
 
+@_one_thread
+def check_factorized_module_class(decomposition: Decomposition, *, layers=None, params=None,
+                                  **_) -> None:
+    """``compress`` builds an instance of a named class with ``musco_decomposition`` set.
+
+    A bare container (``nn.Sequential`` of the factor layers) or any other
+    ``torch.nn`` class computes the right thing but cannot be told apart from an
+    ordinary model part: the ``factorized`` matcher, later rounds and
+    ``load_compressed`` rely on the class and its ``musco_decomposition`` tag.
+    """
+    params = _params(decomposition, params)
+    for name, config, module in _supported(decomposition, layers):
+        built, _ = decomposition.compress(module, _ranks(decomposition, module)[1], params)
+        cls = type(built)
+        where = f"{decomposition.name} on {name!r}"
+        assert not cls.__module__.startswith("torch."), (
+            f"{where}: compress returned a bare {cls.__module__}.{cls.__name__}; build a "
+            "named nn.Module subclass with a class attribute musco_decomposition")
+        tag = getattr(built, "musco_decomposition", None)
+        assert isinstance(tag, str) and tag, (
+            f"{where}: the built {cls.__name__} has musco_decomposition={tag!r}; set it to "
+            "the decomposition's name")
+
+
+# -- tensorly as the independent reference ---------------------------------------------
+
+
+def _tensorly():
+    """tensorly, imported on first use (the core does not need it)."""
+    import tensorly
+
+    return tensorly
+
+
+def svd_reference(factors, weight_shape) -> torch.Tensor:
+    """``svd`` factors ``(first (r, in), second (out, r))`` through ``tl.cp_to_tensor``."""
+    tl = _tensorly()
+    first, second = factors
+    with tl.backend_context("pytorch"):
+        dense = tl.cp_to_tensor((None, [second, first.T]))
+    return dense.reshape(weight_shape)
+
+
+def tucker2_reference(factors, weight_shape) -> torch.Tensor:
+    """``tucker2`` factors ``(first, core, last)`` through ``tl.tucker_to_tensor``."""
+    tl = _tensorly()
+    first, core, last = factors
+    with tl.backend_context("pytorch"):
+        # Tucker-2 is a Tucker decomposition with identity factors on the kernel modes.
+        kernel = [torch.eye(k, dtype=core.dtype, device=core.device) for k in core.shape[2:]]
+        dense = tl.tucker_to_tensor((core, [last, first.reshape(first.shape[0], -1).T, *kernel]))
+    return dense.reshape(weight_shape)
+
+
+def cp3_reference(factors, weight_shape) -> torch.Tensor:
+    """``cp3`` factors ``(first (R, in), depthwise (R, kh, kw), last (out, R))`` through ``tl.cp_to_tensor``."""
+    tl = _tensorly()
+    first, depthwise, last = factors
+    spatial = depthwise.reshape(depthwise.shape[0], -1).T
+    with tl.backend_context("pytorch"):
+        dense = tl.cp_to_tensor((None, [last, first.T, spatial]))
+    return dense.reshape(weight_shape)
+
+
+def cp4_reference(factors, weight_shape) -> torch.Tensor:
+    """``cp4`` factors ``(first, vertical, horizontal, last)`` through ``tl.cp_to_tensor``."""
+    tl = _tensorly()
+    first, vertical, horizontal, last = factors
+    with tl.backend_context("pytorch"):
+        dense = tl.cp_to_tensor((None, [last, first.T, vertical.T, horizontal.T]))
+    return dense.reshape(weight_shape)
+
+
+@_one_thread
+def check_reconstruction_reference(decomposition: Decomposition, *, layers=None, params=None,
+                                   reference=None, rtol: float = 1e-10, **_) -> None:
+    """``reconstruct`` agrees with an independent reconstruction of the same factors.
+
+    ``reference(factors, weight_shape) -> tensor`` rebuilds the dense weight from
+    the decomposition's factors by other means; :func:`svd_reference`,
+    :func:`tucker2_reference`, :func:`cp3_reference` and :func:`cp4_reference`
+    do it with tensorly's ``cp_to_tensor`` / ``tucker_to_tensor`` for the
+    first-party factor layouts. Without ``reference`` the check has nothing to
+    compare with and passes.
+    """
+    if reference is None:
+        return
+    params = _params(decomposition, params)
+    for name, config, module in _supported(decomposition, layers):
+        weight = decomposition.weight(module).detach()
+        for rank in _ranks(decomposition, module):
+            factors = decomposition.decompose(weight, rank, params)
+            got = decomposition.reconstruct(factors)
+            want = reference(factors, tuple(weight.shape))
+            _assert_close(got.reshape(weight.shape), want, rtol,
+                          f"{decomposition.name} on {name!r} at rank {rank!r}: reconstruct "
+                          "against the reference")
+
+
 #: Every check, in the order :func:`check_decomposition` runs them.
 CHECKS: tuple[Callable[..., None], ...] = (
     check_supports_some_layer, check_validate_rank, check_param_count, check_flop_count,
     check_forward_equivalence, check_planted_recovery, check_compress_keeps_input,
-    check_rank_for_param_count, check_recompression,
+    check_rank_for_param_count, check_recompression, check_factorized_module_class,
+    check_reconstruction_reference,
 )
 
 
@@ -306,7 +408,8 @@ def check_decomposition(decomposition: Decomposition, **options) -> None:
     ``params`` (default ``decomposition.Params()``), ``rtol`` (forward
     equivalence, relative to the output norm, default ``1e-10``) and
     ``planted_rtol``, ``plant``, ``planted_ranks`` and ``planted_params`` (planted recovery, see
-    :func:`check_planted_recovery`).
+    :func:`check_planted_recovery`) and ``reference`` (an independent reconstruction,
+    e.g. :func:`tucker2_reference` through tensorly; see :func:`check_reconstruction_reference`).
     """
     failures = []
     for check in CHECKS:
