@@ -11,6 +11,7 @@ from torch import nn
 
 import musco_core as musco
 from musco_core import PluginError, Registry
+from musco_core import registry as musco_registry
 
 PLUGIN_SOURCE = '''
 """A third-party musco plugin: a matcher and a decomposition."""
@@ -109,7 +110,8 @@ def test_disable_autoload_keeps_first_party_only(third_party, monkeypatch):
 
 def test_block_plugins(third_party, monkeypatch):
     monkeypatch.setenv("MUSCO_BLOCK_PLUGINS", f" other , {third_party}")
-    registry = Registry()
+    with pytest.warns(musco_registry.PluginWarning, match="names 'other', which is not"):
+        registry = Registry()
     assert "row_truncate" not in registry.names("decompositions")
     assert registry.pm.is_blocked(third_party)
 
@@ -120,16 +122,124 @@ def test_trace_plugins_writes_hook_calls_to_stderr(monkeypatch, capsys):
     assert "musco_add_matchers" in capsys.readouterr().err
 
 
-def test_broken_entry_point_names_the_plugin_and_the_way_out(tmp_path, monkeypatch):
-    info = tmp_path / "musco_broken-0.1.dist-info"
+def install_fake(tmp_path, monkeypatch, dist: str, entry_point: str, module: str,
+                 source: str | None) -> None:
+    """A distribution ``dist`` with one ``musco`` entry point, laid out as pip would."""
+    if source is not None:
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    info = tmp_path / f"{dist.replace('-', '_')}-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: musco-broken\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[musco]\nbroken = musco_no_such_module\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[musco]\n{entry_point} = {module}\n")
+    (info / "top_level.txt").write_text(f"{module}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(PluginError, match="'broken'.*musco-broken.*MUSCO_BLOCK_PLUGINS=broken"):
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+def test_broken_entry_point_is_reported_and_skipped(tmp_path, monkeypatch):
+    install_fake(tmp_path, monkeypatch, "musco-broken", "broken", "musco_no_such_module", None)
+    with pytest.warns(musco_registry.PluginWarning,
+                      match="'broken'.*musco-broken.*skipped.*MUSCO_BLOCK_PLUGINS=broken"):
+        registry = Registry()
+    assert [(b.name, b.distribution) for b in registry.broken] == [("broken", "musco-broken")]
+    assert "No module named 'musco_no_such_module'" in registry.broken[0].error
+    assert "svd" in registry.names("decompositions")
+    monkeypatch.setenv("MUSCO_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="'broken'.*musco-broken.*MUSCO_STRICT_PLUGINS"):
         Registry()
     monkeypatch.setenv("MUSCO_BLOCK_PLUGINS", "broken")
     assert "svd" in Registry().names("decompositions")
+
+
+RAISING_PLUGIN = """
+    import musco_core
+
+    class Half(musco_core.Decomposition):
+        name = "half_registered"
+
+    @musco_core.hookimpl
+    def musco_add_decompositions(register):
+        register(Half())
+
+    @musco_core.hookimpl
+    def musco_add_matchers(register):
+        raise RuntimeError("boom in a third-party hook")
+"""
+
+
+def test_a_hook_that_raises_is_attributed_and_skipped(tmp_path, monkeypatch):
+    install_fake(tmp_path, monkeypatch, "musco-raising", "raising", "musco_raising",
+                 RAISING_PLUGIN)
+    registry = Registry()
+    with pytest.warns(musco_registry.PluginWarning,
+                      match="'raising' from distribution 'musco-raising'.*"
+                            "RuntimeError: boom in a third-party hook"):
+        table = registry.available()
+    names = {row["name"] for row in table["decompositions"]}
+    assert "svd" in names and "half_registered" not in names  # nothing half-registered
+    assert [(b.name, b.distribution) for b in registry.broken] == [("raising", "musco-raising")]
+    assert not registry.pm.has_plugin("raising")  # none of its other hooks run either
+    model = nn.Sequential(nn.Linear(8, 6))
+    spec = musco.Spec(rules=[musco.Rule(match="linear", decomposition="svd",
+                                        rank=musco.RankRule("fixed", rank=2))])
+    assert musco.Compressor(model, spec, torch.randn(1, 8), registry=registry).plan.layers == ("0",)
+
+    monkeypatch.setenv("MUSCO_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="'raising'.*musco-raising.*boom"):
+        Registry().available()
+
+
+def test_a_plugin_registering_something_invalid_is_skipped(tmp_path, monkeypatch):
+    install_fake(tmp_path, monkeypatch, "musco-invalid", "invalid", "musco_invalid", """
+        import musco_core
+
+        @musco_core.hookimpl
+        def musco_add_rank_rules(register):
+            register(object())
+
+        @musco_core.hookimpl
+        def musco_add_nothing(register):  # a misspelled hook
+            pass
+    """)
+    with pytest.warns(musco_registry.PluginWarning, match="'invalid'.*musco_add_nothing"):
+        registry = Registry()
+    assert "fixed" in registry.names("rank_rules")
+    assert [b.name for b in registry.broken] == ["invalid"]
+
+
+def test_unknown_names_in_block_plugins_are_warned_about(monkeypatch):
+    monkeypatch.setenv("MUSCO_BLOCK_PLUGINS", "musco_sdt")
+    with pytest.warns(musco_registry.PluginWarning,
+                      match="MUSCO_BLOCK_PLUGINS names 'musco_sdt'.*did you mean 'musco_std'"):
+        Registry()
+
+
+def test_an_uninstalled_checkout_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(musco_registry.metadata, "entry_points", lambda group: [])
+    with pytest.raises(PluginError, match=r"not installed.*pip install -e \."):
+        Registry()
+
+
+def test_a_params_field_called_name_is_refused():
+    import attrs
+
+    @attrs.frozen
+    class NamedParams:
+        name: str = "x"
+
+    class Named(musco.Matcher):
+        name = "named"
+        Params = NamedParams
+
+    class Plugin:
+        @musco.hookimpl
+        def musco_add_matchers(self, register):
+            register(Named())
+
+    registry = Registry(autoload=False)
+    registry.register_plugin(Plugin())
+    with pytest.raises(PluginError, match="Params has a field called 'name'"):
+        registry.names("matchers")
 
 
 class _Dup(musco.Decomposition):
