@@ -5,6 +5,11 @@ A state file is written with :func:`torch.save` and read with
 spec as a dict, the plan, the manifest of replaced layers, statistics, reports
 and the model's ``state_dict``). The structure of a compressed model is rebuilt
 from the manifest on a fresh instance of the original architecture.
+
+Integrity: the file records a CRC-32 checksum of every tensor (``"checksums"``);
+reading verifies them, and the zip records' own CRCs, and raises
+:class:`StateFileError` naming the damaged tensor or record. Files are written
+with ordinary permissions (``0666`` less the umask, or those of the file replaced).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,15 +39,68 @@ class StateFileError(MuscoError, ValueError):
     """A file is not a musco state file, is corrupt, or does not fit the model."""
 
 
+CHECKSUMS = "checksums"
+
+
+def _tensors(value: Any, prefix: str = ""):
+    """``(path, tensor)`` for every tensor in nested mappings and lists (``model.fc.weight``)."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str | None:
+    """CRC-32 of a tensor's dtype, shape and bytes (``None`` for tensors without plain bytes)."""
+    if tensor.is_sparse or tensor.is_quantized or tensor.is_meta:
+        return None
+    try:
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    except (RuntimeError, TypeError):
+        return None
+    crc = zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    return f"crc32:{zlib.crc32(data, crc):08x}"
+
+
+def with_checksums(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with a checksum of each of its tensors under ``"checksums"``."""
+    sums = {}
+    for name, tensor in _tensors({k: v for k, v in state.items() if k != CHECKSUMS}):
+        checksum = tensor_checksum(tensor)
+        if checksum is not None:
+            sums[name] = checksum
+    return {**state, CHECKSUMS: sums}
+
+
+def _file_mode(path: Path) -> int:
+    """The mode of the file being replaced, else ``0o666`` less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never a partial file.
+    A crash leaves either the old file or the new one, never a partial file. A
+    musco state (a mapping with the ``format`` marker) gets a checksum of each
+    tensor, verified by :func:`read_state`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        obj = with_checksums(obj)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -73,7 +133,42 @@ def read_state(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("spec", "manifest", "model", "position", "plan") if k not in state]
     if missing:
         raise StateFileError(f"{path} is incomplete: missing {', '.join(missing)}")
+    verify_integrity(state, path)
     return dict(state)
+
+
+def verify_integrity(state: Mapping[str, Any], path: str | Path) -> None:
+    """Check each tensor's checksum, then the CRC of every zip record; raise StateFileError.
+
+    Files written before checksums were recorded are checked by their zip CRCs only.
+    """
+    sums = state.get(CHECKSUMS)
+    if sums is not None:
+        if not isinstance(sums, Mapping):
+            raise StateFileError(f"{path} is corrupt: its checksums are not a mapping")
+        found = dict(_tensors({k: v for k, v in state.items() if k != CHECKSUMS}))
+        for name, expected in sums.items():
+            if name not in found:
+                raise StateFileError(f"{path} is corrupt: tensor {name!r} is missing")
+            actual = tensor_checksum(found[name])
+            if actual != expected:
+                raise StateFileError(
+                    f"{path} is corrupt: tensor {name!r} does not match its checksum "
+                    f"(expected {expected}, got {actual}); the file was damaged or changed "
+                    "after it was written"
+                )
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:
+        raise StateFileError(f"{path} is corrupt: {exc}") from None
+    if bad is not None:
+        raise StateFileError(
+            f"{path} is corrupt: record {bad!r} does not match its CRC; the file was damaged "
+            "or changed after it was written"
+        )
 
 
 def rebuild(model: nn.Module, manifest: list[Mapping[str, Any]],

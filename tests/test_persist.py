@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +128,78 @@ def test_a_file_that_does_not_fit_the_model_names_the_layer(tmp_path):
     wider = TinyResNet(width=16)
     with pytest.raises(StateFileError, match="do not fit the model"):
         musco.load_compressed(wider, tmp_path / "run.musco")
+
+
+def _record_span(path, name_suffix: str | None = None):
+    """(start, size) of the data of the largest zip record (or the one ending in name_suffix)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        storages = [i for i in infos if re.search(r"/data/\d+$", i.filename)]
+        info = (next(i for i in infos if i.filename.endswith(name_suffix)) if name_suffix
+                else max(storages, key=lambda i: i.file_size))
+    raw = path.read_bytes()
+    # local header: 30 bytes + name + extra (the local extra field may differ from the central one)
+    name_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _flip(path, start: int, count: int = 16) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[start:start + count] = bytes(b ^ 0xFF for b in raw[start:start + count])
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_bytes_in_a_tensor_are_detected_and_named(tmp_path):
+    c = musco.Compressor(fresh(), SPEC, torch.randn(2, 3, 16, 16))
+    c.step()
+    path = tmp_path / "run.musco"
+    c.save(path)
+    start, size = _record_span(path)
+    _flip(path, start + size // 2)
+    with pytest.raises(StateFileError, match=r"run\.musco is corrupt: tensor 'model\.[\w.]+' "
+                                             r"does not match its checksum"):
+        musco.load_compressed(fresh(), path)
+    with pytest.raises(StateFileError, match="does not match its checksum"):
+        musco.Compressor.resume(path, fresh())
+
+
+def test_damage_outside_the_tensors_is_detected(tmp_path):
+    c = musco.Compressor(fresh(), SPEC, torch.randn(2, 3, 16, 16))
+    path = tmp_path / "run.musco"
+    c.save(path)
+    start, size = _record_span(path, "data.pkl")
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"layers_per_step", start, start + size) + len(b"layers_per_step")
+    raw[at + 1] ^= 0x01  # one bit of the pickle: the value or the opcode after the key
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StateFileError, match=r"run\.musco (is corrupt|is not a readable)"):
+        musco.load_compressed(fresh(), path)
+
+
+def test_files_without_checksums_still_load(tmp_path):
+    c = musco.Compressor(fresh(), SPEC, torch.randn(2, 3, 16, 16))
+    c.step()
+    path = tmp_path / "old.musco"
+    torch.save(c.state_dict(), path)  # as written before checksums existed
+    model = musco.load_compressed(fresh(), path)
+    assert same(model.state_dict(), c.model.state_dict())
+
+
+def test_state_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    c = musco.Compressor(fresh(), SPEC, torch.randn(2, 3, 16, 16))
+    path = tmp_path / "run.musco"
+    old = os.umask(0o022)
+    try:
+        c.save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o600)  # a file the user restricted stays restricted
+        c.save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
