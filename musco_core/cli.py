@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,25 +60,42 @@ def _compressor(args):
     import torch
 
     import musco_core as musco
+    from musco_core.errors import MuscoError
 
     model = _load_model(args.model)
     spec = musco.Spec.load(args.spec)
-    return musco.Compressor(model, spec, example_inputs=torch.zeros(args.input_shape),
-                            progress=not args.quiet)
+    try:
+        inputs = torch.zeros(args.input_shape)
+        return musco.Compressor(model, spec, example_inputs=inputs, progress=not args.quiet)
+    except MuscoError:
+        raise
+    except Exception as exc:  # the model does not run on this input (or an input too large)
+        shape = ",".join(map(str, args.input_shape))
+        raise CLIError(
+            f"could not run MODEL {args.model!r} on an example input of shape {shape} "
+            f"(--input-shape): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def cmd_plugins(args) -> None:
-    import musco_core as musco
+    from musco_core.registry import default_registry
 
-    table = musco.available()
+    registry = default_registry()
+    table = registry.available()
+    broken = [{"name": b.name, "distribution": b.distribution, "error": b.error}
+              for b in registry.broken]
     if args.json:
-        print(json.dumps(table, indent=2))
+        print(json.dumps({**table, "broken": broken}, indent=2))
         return
     for kind, rows in table.items():
         print(f"{kind}:")
         for row in rows:
             aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
             print(f"  {row['name']:<18} {row['distribution'] or '-':<14} {row['summary']}{aliases}")
+    if broken:
+        print("broken (skipped; MUSCO_STRICT_PLUGINS=1 makes this an error):")
+        for row in broken:
+            print(f"  {row['name']:<18} {row['distribution'] or '-':<14} {row['error']}")
 
 
 def cmd_plan(args) -> None:
@@ -184,16 +202,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says it all: musco's own, the CLI's, and file-system ones."""
     from musco_core.errors import MuscoError
 
+    return (CLIError, MuscoError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: a spec's problems joined with '; '."""
+    from musco_core.errors import SpecError
+
+    if isinstance(exc, SpecError) and len(exc.problems) > 1:
+        text = f"{len(exc.problems)} problems in the spec: " + "; ".join(exc.problems)
+    elif isinstance(exc, _expected_errors()):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so that Python's exit-time flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; every error is one line on stderr and exit status 2.
+
+    A closed output pipe (``musco inspect out | head``) ends the command quietly
+    with status 141, as for other Unix tools. ``MUSCO_TRACEBACK=1`` shows the
+    traceback of an unexpected error instead.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (CLIError, MuscoError, FileNotFoundError) as exc:
-        message = str(exc).replace("\n", "\n  ")
-        print(f"musco {args.command}: error: {message}", file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+        return 141
+    except KeyboardInterrupt:
+        print(f"musco {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("MUSCO_TRACEBACK", "").strip() not in ("", "0") and not isinstance(
+                exc, _expected_errors()):
+            raise
+        print(f"musco {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

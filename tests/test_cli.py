@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import musco_core as musco
+from musco_core.cli import build_parser as _real_build_parser
 from musco_core.cli import main
 
 MODELS = '''
@@ -95,10 +96,10 @@ def test_bad_arguments_give_one_line_errors(workdir, capsys, args, message):
 
 
 def test_spec_errors_are_reported_without_traceback(workdir, capsys):
-    (workdir / "bad.toml").write_text(SPEC.replace('"svd"', '"svdd"'))
+    (workdir / "bad.toml").write_text(SPEC.replace('"linear"', '"lineer"'))
     assert main(["plan", "cli_models:mlp", "--spec", "bad.toml", "--input-shape", "1,64"]) == 2
     err = capsys.readouterr().err
-    assert "unknown decomposition 'svdd'; did you mean 'svd'?" in err and "Traceback" not in err
+    assert "unknown matcher 'lineer'; did you mean 'linear'?" in err and "Traceback" not in err
 
 
 def test_bad_input_shape_is_an_argparse_error(workdir, capsys):
@@ -106,3 +107,105 @@ def test_bad_input_shape_is_an_argparse_error(workdir, capsys):
         main(["plan", *ARGS[:3], "--input-shape", "1,x"])
     assert exit_info.value.code == 2
     assert "expected sizes like 1,3,224,224, got '1,x'" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_an_input_shape_the_model_cannot_take_is_one_line(workdir, capsys):
+    assert main(["plan", *ARGS[:3], "--input-shape", "1,63"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("musco plan: error: could not run MODEL 'cli_models:mlp' on an example "
+                          "input of shape 1,63 (--input-shape): RuntimeError: ")
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.json", "{bad", "bad.json: invalid JSON: Expecting property name"),
+    ("bad.yaml", "rules: [\n  - {", "bad.yaml: invalid YAML: "),
+    ("bad.yaml", "1: 2\nrules: []", "bad.yaml: keys must be strings, got 1 (int) @ $"),
+    ("bad.toml", "layers_per_step = 2.5\nrounds = '2'\nrules = []",
+     "2 problems in the spec: bad.toml: expected an integer, got 2.5 @ $.layers_per_step; "
+     "bad.toml: expected an integer, got '2' @ $.rounds"),
+])
+def test_bad_spec_files_are_one_line(workdir, capsys, name, text, message):
+    (workdir / name).write_text(text)
+    assert main(["plan", *ARGS[:1], "--spec", name, "--input-shape", "1,64"]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_unexpected_errors_are_one_line_unless_asked_for_the_traceback(workdir, capsys,
+                                                                         monkeypatch):
+    def fail(args):
+        raise ZeroDivisionError("a bug\nover two lines")
+
+    monkeypatch.setattr("musco_core.cli.build_parser", _parser_with(fail))
+    assert main(["inspect", "x"]) == 2
+    assert one_line_error(capsys) == "musco inspect: error: ZeroDivisionError: a bug over two lines\n"
+    monkeypatch.setenv("MUSCO_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["inspect", "x"])
+
+
+def _parser_with(run):
+    def build():
+        parser = _real_build_parser()
+        parser.set_defaults(run=run)
+        for action in parser._subparsers._group_actions:
+            for sub in action.choices.values():
+                sub.set_defaults(run=run)
+        return parser
+
+    return build
+
+
+
+class _ClosedPipe:
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self):
+        raise OSError("no file")
+
+
+def test_a_closed_output_pipe_ends_quietly(workdir, capsys, monkeypatch):
+    assert main(["compress", *ARGS, "-o", "out", "--steps", "1", "-q"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["inspect", "out"]) == 141
+    assert main(["plugins"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_a_closed_pipe_in_a_real_process(workdir):
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-m", "musco_core.cli", "plugins"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # like `musco plugins | head -0`: the reader is gone
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_plugins_lists_broken_plugins(capsys, monkeypatch):
+    from musco_core import registry as musco_registry
+
+    fake = musco_registry.Registry()
+    fake.broken.append(musco_registry.BrokenPlugin(
+        name="raising", distribution="musco-raising", error="RuntimeError: boom"))
+    monkeypatch.setattr(musco_registry, "_default", fake)
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "broken (skipped" in out
+    assert any(line.split()[:3] == ["raising", "musco-raising", "RuntimeError:"]
+               for line in out.splitlines())
+    assert main(["plugins", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["broken"] == [
+        {"name": "raising", "distribution": "musco-raising", "error": "RuntimeError: boom"}]
