@@ -15,7 +15,9 @@ and :class:`Compressor` — one engine. See ``docs/migrating-from-musco-pytorch.
 
 from __future__ import annotations
 
+import difflib
 import glob
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -63,6 +65,27 @@ class _SeedCompressor:
     """The seed's loop over a musco :class:`Compressor` (available as ``.compressor``)."""
 
     rank_selection = ""
+    #: Keyword arguments of the rank rule that this compressor accepts.
+    rank_keywords: tuple[str, ...] = ()
+
+    def _check_keywords(self, given: Mapping[str, Any]) -> None:
+        """A misspelled keyword is a TypeError naming it and the valid ones (not ignored)."""
+        unknown = sorted(set(given) - set(self.rank_keywords))
+        if not unknown:
+            return
+        own = inspect.signature(type(self).__init__).parameters
+        valid = {n for n, p in own.items() if n != "self" and p.kind in (
+            p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        base = inspect.signature(_SeedCompressor.__init__).parameters
+        valid |= {n for n, p in base.items() if p.kind is p.KEYWORD_ONLY}
+        valid |= set(self.rank_keywords)
+        bad = unknown[0]
+        close = difflib.get_close_matches(bad, valid, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise TypeError(
+            f"{type(self).__name__}() got an unexpected keyword argument {bad!r}; {hint}"
+            f"valid keywords: {', '.join(sorted(valid))}"
+        )
 
     def __init__(self, model: nn.Module, model_stats: Any = None, *,
                  conv2d_nn_decomposition: str | None = "tucker2",
@@ -74,6 +97,7 @@ class _SeedCompressor:
                  registry: Registry | None = None,
                  progress: bool | None = None,
                  **rank_params: Any):
+        self._check_keywords(rank_params)
         if all_algo_kwargs:
             raise TypeError(
                 "all_algo_kwargs is not supported: give decomposition parameters in a "
@@ -160,6 +184,7 @@ class CompressorVBMF(_SeedCompressor):
     """
 
     rank_selection = "vbmf"
+    rank_keywords = ("vbmf_weakenen_factors",)
 
     def __init__(self, model, model_stats=None, ranks=None, vbmf_weakenen_factors=None,
                  ft_every=None, nglobal_compress_iters=1, all_algo_kwargs=None, **kwargs):
@@ -178,6 +203,7 @@ class CompressorPR(_SeedCompressor):
     """Ranks for a parameter-reduction rate per layer (``param_reduction_rates``, default 2)."""
 
     rank_selection = "param_reduction"
+    rank_keywords = ("param_reduction_rates",)
 
     def __init__(self, model, model_stats=None, conv2d_nn_decomposition=None, ranks=None,
                  param_reduction_rates=None, ft_every=None, nglobal_compress_iters=1,

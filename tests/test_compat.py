@@ -83,3 +83,21 @@ def test_grouped_convs_are_skipped_with_a_warning():
         compressor = CompressorPR(model, torch.randn(1, 4, 8, 8))
     assert compressor.compressor.plan.entry("1").status == "excluded"
     assert isinstance(compressor.compressor, musco.Compressor)
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (CompressorPR, {"ft_evry": 2},
+     r"CompressorPR\(\) got an unexpected keyword argument 'ft_evry'; did you mean 'ft_every'\? "
+     r"valid keywords: .*nglobal_compress_iters.*param_reduction_rates"),
+    (CompressorVBMF, {"vbmf_weakening_factors": {}},
+     r"CompressorVBMF\(\) got an unexpected keyword argument 'vbmf_weakening_factors'; "
+     r"did you mean 'vbmf_weakenen_factors'\?"),
+    (CompressorPR, {"vbmf_weakenen_factors": {}},  # another compressor's keyword
+     r"CompressorPR\(\) got an unexpected keyword argument 'vbmf_weakenen_factors'"),
+    (CompressorManual, {"param_reduction_rates": {}},
+     r"CompressorManual\(\) got an unexpected keyword argument 'param_reduction_rates'"),
+])
+def test_misspelled_keywords_are_type_errors(cls, kwargs, message):
+    model = TinyResNet()
+    with pytest.raises(TypeError, match=message):
+        cls(model, torch.randn(1, 3, 16, 16), **kwargs)
