@@ -70,10 +70,24 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return first.to(weight.dtype), second.to(weight.dtype)
 
 
+def _flag(instance, attribute, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name!r} must be true or false, got {value!r}")
+
+
+def _damping(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")
+
 
 @attrs.frozen
 class SVDParams:
-    """The SVD decomposition takes no parameters."""
+    #: Fit the layer's *output* on the calibration data instead of its weight:
+    #: truncation-aware whitening (SVD-LLM), aimed at the original layer's output
+    #: from the inputs the layer sees now. Needs ``Compressor(..., calibration=...)``.
+    whiten: bool = attrs.field(default=False, validator=_flag)
+    #: Relative ridge ``damping * tr(G) / d`` added to the input Gram ``G`` (whiten only).
+    damping: float = attrs.field(default=1e-6, validator=_damping)
 
 
 class SVD(Decomposition):
@@ -170,13 +184,51 @@ class SVD(Decomposition):
         r_b = torch.linalg.qr(b, mode="r").R
         return [r_b @ r_a.T]
 
-    def compress(self, module: nn.Module, rank: int, params: Any) -> tuple[nn.Module, float]:
+    def needs(self, params: Any) -> frozenset[str]:
+        return frozenset({"input_gram"}) if getattr(params, "whiten", False) else frozenset()
+
+    def compress(self, module: nn.Module, rank: int, params: Any,
+                 data: Any = None) -> tuple[nn.Module, float]:
         """As the base class, with a finiteness check of the weight and of the factors.
 
         Raises ``ValueError`` when the weight (or a factor, e.g. one that overflowed
         float16) holds NaN or Inf; the engine reports it naming the layer.
+
+        With ``whiten = true`` and the layer's :class:`~musco_core.LayerData`, the
+        factors minimise the output error ``|X W^T - X' W'^T|`` on the calibration
+        data instead (:func:`musco_core.datafit.whitened_svd`, in float64): ``X``
+        are the original layer's inputs, ``X'`` what the layer sees now. The
+        reported error stays the relative *weight* error.
         """
-        return checked_compress(self, module, rank, params)
+        if data is None or not getattr(params, "whiten", False):
+            return checked_compress(self, module, rank, params)
+        from musco_core.datafit import whitened_svd
+
+        weight = self.weight(module).detach()
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("the weight holds NaN or Inf values; nothing to factorize")
+        gram, cross = data.gram.to(weight.device), data.cross.to(weight.device)
+        first, second = whitened_svd(weight.double(), gram, rank, cross=cross,
+                                     damping=params.damping)
+        factors = (first.to(weight.dtype), second.to(weight.dtype))
+        if not all(bool(torch.isfinite(f).all()) for f in factors):
+            raise ValueError(f"whitened factors at rank {rank} are not finite in "
+                             f"{weight.dtype}; use a float32 model or more damping")
+        approx = factors[1].double() @ factors[0].double()
+        from musco_core import relative_error
+
+        return self.build(module, factors), relative_error(weight.double(), approx)
+
+    def data_rank_matrices(self, module: nn.Module, data: Any, params: Any) -> list[torch.Tensor]:
+        """The whitened weight ``W* S`` (``S S^T = G``): its spectrum ranks by output error."""
+        from musco_core.datafit import gram_root, output_target
+
+        weight = self.weight(module).detach().double()
+        damping = getattr(params, "damping", 1e-6)
+        gram = data.gram.to(weight.device)
+        target = output_target(weight, gram, data.cross.to(weight.device), damping=damping)
+        root, _ = gram_root(gram, damping=damping)
+        return [target @ root]
 
     def skeleton(self, module: nn.Module, rank: int, params: Any = None) -> nn.Module:
         """The module :meth:`compress` builds at ``rank``, from shapes alone (weights uninitialised).
