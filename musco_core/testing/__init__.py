@@ -22,15 +22,21 @@ from musco_core.testing.checks import (
     DEFAULT_LAYERS,
     check_compress_keeps_input,
     check_decomposition,
+    check_factorized_module_class,
     check_flop_count,
     check_forward_equivalence,
     check_param_count,
     check_planted_recovery,
     check_rank_for_param_count,
+    check_reconstruction_reference,
     check_recompression,
     check_supports_some_layer,
     check_validate_rank,
+    cp3_reference,
+    cp4_reference,
     parametrize_with_checks,
+    svd_reference,
+    tucker2_reference,
 )
 from musco_core.testing.data import DATA_LAYERS, anisotropic_inputs, check_data_aware
 from musco_core.testing.rank_rules import RankComparison, check_rank_rule, compare_rank_rules
@@ -51,6 +57,8 @@ from musco_core.testing.strategies import (
 )
 
 __all__ = [
+    "check_factorized_module_class", "check_reconstruction_reference", "cp3_reference",
+    "cp4_reference", "svd_reference", "tucker2_reference",
     "CHECKS", "DEFAULT_LAYERS", "ConvConfig", "LinearConfig", "RankComparison", "add_noise",
     "check_compress_keeps_input", "check_decomposition", "check_flop_count",
     "check_forward_equivalence", "check_param_count", "check_planted_recovery",
