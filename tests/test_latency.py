@@ -177,3 +177,15 @@ def test_fastest_rank_near_rounds_to_the_fast_kernel_when_it_pays():
     # max_cost drops candidates that spend too much accuracy
     assert fastest_rank_near(svd, layer, _stats((1, 256)), 100, model, cost.__getitem__,
                              max_cost=0.1).rank == 104
+
+
+def test_latency_doc_code_blocks_run(one_thread):
+    """docs/latency.md's python blocks run in order, as tests/test_docs.py runs the guides."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "latency.md"
+    namespace: dict = {"__name__": "__docs__"}
+    for kind, code in re.findall(r"```(\w+)\n(.*?)```", page.read_text(), re.S):
+        if kind == "python":
+            exec(compile(code, str(page), "exec"), namespace)
