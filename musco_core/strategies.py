@@ -152,6 +152,8 @@ class Decomposition(Strategy):
         """Return a message if ``rank`` is not valid for ``module``, else ``None``."""
         full = rank_tuple(self.full_rank(module))
         given = rank_tuple(rank) if isinstance(rank, (int, tuple)) else None
+        if len(full) == 1 and isinstance(rank, tuple):
+            given = None  # a one-mode rank is an int: (8,) would pass the length check
         if given is None or len(given) != len(full) or not all(isinstance(r, int) for r in given):
             shape = "an int" if len(full) == 1 else f"a tuple of {len(full)} ints"
             return f"rank {rank!r} is not {shape}"

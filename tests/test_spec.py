@@ -237,8 +237,6 @@ rank = { name = "fixed", rank = 1 }
         Match("type", name="Linear")
 
 
-@pytest.mark.xfail(strict=True, reason="needs Decomposition.validate_rank to refuse a 1-tuple "
-                                       "for a one-mode rank (lead-owned strategies.py)")
 def test_a_one_element_list_is_not_a_matrix_rank():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     spec = Spec.from_dict({"rules": [{"match": "linear", "decomposition": "svd",
