@@ -241,7 +241,7 @@ def test_a_one_element_list_is_not_a_matrix_rank():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     spec = Spec.from_dict({"rules": [{"match": "linear", "decomposition": "svd",
                                       "rank": {"name": "fixed", "rank": [8]}}], "exclude": ["2"]})
-    with pytest.raises(SpecError, match=r"rank \(8,\) is not an int @ \$\.rules\[0\]"):
+    with pytest.raises(SpecError, match=r"layer '0': rank \(8,\) is not an int for decomposition 'svd' @ \$\.rules\[0\]"):
         compress(model, spec, torch.zeros(1, 16))
 
 
