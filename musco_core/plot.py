@@ -119,7 +119,7 @@ def plot_run(report: RunReport, path: str | Path | None = None, *, title: str | 
     handles += [Patch(color=colour[d], label=f"after: {d}") for d in decompositions]
     if any(o is not None for o in outputs):
         handles.append(Line2D([], [], marker="D", color="black", linestyle="", label="output error"))
-    ax_params.legend(handles=handles, fontsize=8, loc="lower right")
+    ax_params.legend(handles=handles, fontsize=8, loc="upper right")
 
     totals = model_totals(report)
     xs = list(range(len(totals)))

@@ -46,18 +46,18 @@ def main() -> None:
     torch.manual_seed(0)
     root = common.fashion_mnist_dir(args.data)
     if root is not None:
-        x, y, _, _ = common.load_fashion_mnist(root, limit=6000)
+        x, y, _, _ = common.load_fashion_mnist(root, limit=2000)
         source = "Fashion-MNIST"
     else:
         print(common.FASHION_HINT, file=sys.stderr)
-        x, y, _, _ = common.synthetic_images(6000, 10)
+        x, y, _, _ = common.synthetic_images(2000, 10)
         source = "synthetic Fashion-MNIST stand-in"
     model = common.small_vgg()
-    common.train(model, x, y, steps=150)
+    common.train(model, x, y, steps=60, batch=64)
     compressor = musco.Compressor(model, SPEC, example_inputs=x[:1])
     while not compressor.done:
         compressor.step()
-        common.train(compressor.model, x, y, steps=30, lr=5e-4, schedule=False)
+        common.train(compressor.model, x, y, steps=10, batch=64, lr=5e-4, schedule=False)
     run = compressor.report()
     print(run)
     run.plot(args.output)
