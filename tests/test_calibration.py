@@ -145,7 +145,7 @@ class CountingBatches:
 
 def test_no_activations_or_batches_are_kept(recording):
     strategy, registry = recording
-    data = CountingBatches(60)
+    data = CountingBatches(12)
     spec = Spec(rules=[Rule(match="linear", decomposition="rec_svd",
                             rank=RankRule("fixed", rank=2))])
     compressor = musco.Compressor(two_linear(), spec, torch.randn(2, 12), calibration=data,
