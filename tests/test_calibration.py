@@ -328,3 +328,31 @@ def test_budget_chooses_ranks_for_the_round_through_the_engine(tmp_path):
     again.step()
     report = again.report()
     assert report.model_flops_before > report.model_flops_after
+
+
+def test_whitened_tucker2_passes_the_data_aware_conformance_check():
+    from musco_core.testing import check_data_aware
+    from musco_std.tucker2 import Tucker2, Tucker2Params
+
+    check_data_aware(Tucker2(), Tucker2Params(whiten=True), Tucker2Params())
+
+
+def test_whitened_tucker2_in_the_engine_lowers_the_output_error_of_each_layer():
+    from musco_core.testing import anisotropic_inputs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    # Channel vectors with an anisotropic covariance at every pixel.
+    rows = anisotropic_inputs(6 * 8 * 36, 12, seed=2, condition=1e3).float()
+    data = list(rows.reshape(6 * 8, 6, 6, 12).permute(0, 3, 1, 2).split(8))
+
+    def run(decomposition):
+        spec = Spec(rules=[Rule(match="conv_kxk", decomposition=decomposition,
+                                rank=RankRule("fixed", rank=(4, 4)))], layers_per_step=1)
+        compressor = musco.Compressor(model, spec, data[0], calibration=data)
+        return [compressor.step().layers[0].output_error for _ in range(2)]
+
+    plain = run("tucker2")
+    white = run(musco.Decompose("tucker2", whiten=True))
+    assert all(w < p for w, p in zip(white, plain))

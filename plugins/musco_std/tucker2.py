@@ -124,6 +124,12 @@ class Tucker2Params:
     #: Stop when a sweep improves the relative error by less than this (tensorly's
     #: ``partial_tucker`` rule and default).
     tol: float = attrs.field(default=1e-4, validator=non_negative)
+    #: Fit the layer's output on the calibration data in the input-channel mode
+    #: (whiten that mode with the input channels' Gram, run HOOI, fold back); aimed
+    #: at the original layer's output. Needs ``Compressor(..., calibration=...)``.
+    whiten: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    #: Relative ridge ``damping * tr(G) / d`` on the channel Gram (whiten only).
+    damping: float = attrs.field(default=1e-6, validator=non_negative)
 
 
 class Tucker2(Decomposition):
@@ -256,8 +262,51 @@ class Tucker2(Decomposition):
         w = working(self.weight(module))
         return [w.transpose(0, 1).reshape(w.shape[1], -1), w.reshape(w.shape[0], -1)]
 
-    def compress(self, module: nn.Module, rank: tuple[int, int], params: Any) -> tuple[nn.Module, float]:
+    def needs(self, params: Any) -> frozenset[str]:
+        return frozenset({"input_gram"}) if getattr(params, "whiten", False) else frozenset()
+
+    def _compress_on_data(self, module: nn.Module, rank: tuple[int, int], params: Any,
+                          data: Any) -> tuple[nn.Module, float]:
+        """Data-aware Tucker-2 (``whiten = true``): :func:`musco_core.datafit.whitened_tucker2`.
+
+        Minimises, over the kernel offsets, the output error of each offset's slice on
+        the input channels' statistics (exact for inputs uncorrelated across offsets),
+        aimed at the original layer's output; in float64. The reported error is the
+        relative weight error.
+        """
+        import functools
+
+        from musco_core.datafit import whitened_tucker2
+
+        dtype = self.weight(module).dtype
+        weight = working(self.weight(module)).double()
+        check_finite(weight)
+        fit = functools.partial(tucker2_hooi, n_iter_max=params.n_iter_max, tol=params.tol)
+        first, core, last = whitened_tucker2(
+            weight, tuple(rank), data.gram.to(weight.device), fit=fit,
+            cross=data.cross.to(weight.device), damping=params.damping)
+        factors = cast_factors((first, core, last), dtype)
+        check_finite_factors(factors, dtype)
+        error = relative_error(weight, tucker2_reconstruct(first, core, last))
+        return self.build(module, factors), error
+
+    def data_rank_matrices(self, module: nn.Module, data: Any, params: Any) -> list[torch.Tensor]:
+        """Unfoldings of the weight whitened in its input-channel mode (see :meth:`compress`)."""
+        from musco_core.datafit import whiten_input_mode
+
+        weight = working(self.weight(module)).double()
+        whitened, _ = whiten_input_mode(weight, data.gram.to(weight.device),
+                                        cross=data.cross.to(weight.device),
+                                        damping=getattr(params, "damping", 1e-6))
+        return [whitened.transpose(0, 1).reshape(whitened.shape[1], -1),
+                whitened.reshape(whitened.shape[0], -1)]
+
+    def compress(self, module: nn.Module, rank: tuple[int, int], params: Any,
+                 data: Any = None) -> tuple[nn.Module, float]:
         """As the base class for a conv; for a :class:`Tucker2Conv2d`, decompose its core only.
+
+        With ``whiten = true`` and the layer's statistics (``data``), the data-aware
+        fit instead (see :meth:`_compress_on_data`), for both.
 
         With ``last = Q_L T_L`` and ``first^T = Q_F T_F`` (thin QR), the dense weight
         is ``(G x_0 T_L x_1 T_F) x_0 Q_L x_1 Q_F`` with orthonormal ``Q``s, so HOOI
@@ -269,6 +318,8 @@ class Tucker2(Decomposition):
         the new factors are cast to the layer's dtype. Raises ``ValueError`` when the
         weight or a factor holds NaN or Inf.
         """
+        if data is not None and getattr(params, "whiten", False):
+            return self._compress_on_data(module, rank, params, data)
         if not isinstance(module, Tucker2Conv2d):
             return checked_compress(self, module, rank, params)
         params = params if params is not None else Tucker2Params()
