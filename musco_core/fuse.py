@@ -19,7 +19,8 @@ flatter the speedup.
 (which traces *into* factorized modules, down to their convs): a BatchNorm call whose
 only input is a conv or linear call, which has no other user, and where both modules are
 called only once, is a pair. The folding itself is PyTorch's
-:func:`torch.nn.utils.fusion.fuse_conv_bn_eval` / :func:`~torch.nn.utils.fusion.fuse_linear_bn_eval`.
+:func:`torch.nn.utils.fusion.fuse_conv_bn_eval` /
+:func:`~torch.nn.utils.fusion.fuse_linear_bn_eval`.
 The fused layer replaces the conv at its dotted name, and the BatchNorm becomes
 :class:`torch.nn.Identity`, so the model keeps its class and its other module names
 (its ``state_dict`` loses the BatchNorm entries). If the model cannot be traced
@@ -156,8 +157,8 @@ def fuse_for_inference(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if isinstance(layer, nn.Linear):
                 fused = fuse_linear_bn_eval(layer, bn)
             else:
-                fused = fuse_conv_bn_eval(layer, bn,
-                                          transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
+                transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+                fused = fuse_conv_bn_eval(layer, bn, transpose=transpose)
             _set(work, layer_name, fused)
             _set(work, bn_name, nn.Identity())
     return work

@@ -19,12 +19,13 @@ repeated bottlenecks of a ResNet) are timed once::
     <class name>:<structure digest>|in=<input shape>|<device>|<dtype>|<memory format>|threads=<n>
 
 where the structure digest is a hash of, for the module and every submodule in order:
-its class name, the names and shapes of its parameters and buffers, and the attributes that change the computation of convs and
-linears (``kernel_size``, ``stride``, ``padding``, ``dilation``, ``groups``,
-``padding_mode``, ``in/out_features``, ``in/out_channels``). A rank is part of the
-structure (it is a weight shape). Weight *values* are not: timing does not depend on
-them. ``device`` is ``cpu``, or ``cuda:<device name>`` so a cache moved to another GPU
-model misses. The dtype and memory format are those the module is timed in.
+its class name, the names and shapes of its parameters and buffers, and the attributes
+that change the computation of convs and linears (``kernel_size``, ``stride``,
+``padding``, ``dilation``, ``groups``, ``padding_mode``, ``in/out_features``,
+``in/out_channels``). A rank is part of the structure (it is a weight shape). Weight
+*values* are not: timing does not depend on them. ``device`` is ``cpu``, or
+``cuda:<device name>`` so a cache moved to another GPU model misses. The dtype and
+memory format are those the module is timed in.
 
 **Timing**: a deep copy of the module, in eval mode, moved to the device, dtype and
 memory format, is called under :func:`torch.no_grad` on ``torch.randn(input_shape)``;

@@ -62,7 +62,8 @@ def test_identical_layers_are_timed_once_and_different_ones_are_not():
 def test_the_key_names_shape_device_dtype_format_and_threads():
     conv = nn.Conv2d(4, 4, 1)
     key = LatencyModel(threads=3).key(conv, (1, 4, 5, 5))
-    assert key.startswith("Conv2d:") and key.endswith("|in=1x4x5x5|cpu|float32|contiguous|threads=3")
+    assert key.startswith("Conv2d:")
+    assert key.endswith("|in=1x4x5x5|cpu|float32|contiguous|threads=3")
     keys = {LatencyModel(threads=1).key(conv, (1, 4, 5, 5)),
             LatencyModel(threads=2).key(conv, (1, 4, 5, 5)),
             LatencyModel(threads=1, dtype=torch.bfloat16).key(conv, (1, 4, 5, 5)),

@@ -147,7 +147,8 @@ def main(argv=None) -> dict:
             compressed = compress(original, probe, exclude, kxk=not args.smoke)
         flops_x = C.count_flops(original, probe) / C.count_flops(compressed, probe)
         print(f"{name}: {flops_x:.2f}x fewer FLOPs, compressed in {t.seconds:.1f}s", flush=True)
-        fused = {"original": fuse_for_inference(original), "compressed": fuse_for_inference(compressed)}
+        fused = {"original": fuse_for_inference(original),
+                 "compressed": fuse_for_inference(compressed)}
         fmt = torch.channels_last if conv_net else torch.contiguous_format
         fmt_name = "channels_last" if conv_net else "contiguous"
         for dtype in dtypes:
@@ -168,7 +169,8 @@ def main(argv=None) -> dict:
                     variants = on_device
                     if mode == "compile":
                         torch._dynamo.reset()
-                        variants = {k: torch.compile(m, dynamic=False) for k, m in on_device.items()}
+                        variants = {k: torch.compile(m, dynamic=False)
+                                    for k, m in on_device.items()}
                     try:
                         t = measure(variants, x, repeats=repeats, warmup=3,
                                     min_run_time=min_run_time)

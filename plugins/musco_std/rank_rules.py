@@ -239,9 +239,9 @@ class FlopReduction(_Reduction):
 #: (a copy) before its rank matrices are formed, and spectra are computed in float64.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-#: Spectra of live modules: module -> (fingerprint, decomposition name, spectra, full rank). The plan
-#: checks every layer's rank when a Compressor is built and step() asks again; with this
-#: cache a spectrum-based rule computes each layer's spectrum once. An entry is valid only
+#: Spectra of live modules: module -> (fingerprint, decomposition name, spectra, full rank).
+#: The plan checks every layer's rank when a Compressor is built and step() asks again; with
+#: this cache a spectrum-based rule computes each layer's spectrum once. An entry is valid only
 #: while the module holds the very same parameter tensors, unmodified (same objects, same
 #: storage, same in-place version counter); it disappears with the module.
 _SPECTRA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -284,8 +284,10 @@ def _spectral_matrices(layer, decomposition) -> tuple[list, tuple[int, ...]]:
     return matrices, full
 
 
-def layer_spectra(layer, decomposition) -> tuple[list[tuple[np.ndarray, tuple[int, int]]],
-                                                  tuple[int, ...]]:
+Spectra = list[tuple[np.ndarray, tuple[int, int]]]
+
+
+def layer_spectra(layer, decomposition) -> tuple[Spectra, tuple[int, ...]]:
     """Squared singular values (float64, descending) and shape of each rank matrix of a layer,
     and the decomposition's full rank.
 
