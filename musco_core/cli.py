@@ -65,7 +65,9 @@ def _compressor(args):
     model = _load_model(args.model)
     spec = musco.Spec.load(args.spec)
     try:
-        inputs = torch.zeros(args.input_shape)
+        # Random (seeded), not zeros: a zero input hides every weight behind the first
+        # layer's bias, which would blind rules that measure damage (budget).
+        inputs = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
         return musco.Compressor(model, spec, example_inputs=inputs, progress=not args.quiet)
     except MuscoError:
         raise
@@ -105,6 +107,11 @@ def cmd_plan(args) -> None:
     print(compressor.plan)
     print()
     print(format_table(compressor.preview()))
+    for index, table in sorted(compressor.joint_tables.items()):
+        # What a joint rule (budget) measured to choose the ranks: per-layer sensitivity.
+        print()
+        print(f"rule {index} ({compressor.rules[index].rank.name}): how each layer's rank was chosen")
+        print(table)
 
 
 def cmd_compress(args) -> None:

@@ -209,3 +209,21 @@ def test_plugins_lists_broken_plugins(capsys, monkeypatch):
     assert main(["plugins", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["broken"] == [
         {"name": "raising", "distribution": "musco-raising", "error": "RuntimeError: boom"}]
+
+
+def test_plan_shows_the_ranks_and_sensitivity_a_budget_chose(workdir, capsys):
+    (workdir / "budget.toml").write_text('''
+exclude = ["4"]
+
+[[rules]]
+match = "linear"
+decomposition = "svd"
+rank = { name = "budget", param_reduction = 1.5, grid = 3 }
+''')
+    assert main(["plan", "cli_models:mlp", "--spec", "budget.toml", "--input-shape", "4,64"]) == 0
+    out = capsys.readouterr().out
+    assert "rule 0 (budget): how each layer's rank was chosen" in out
+    table = out.split("how each layer's rank was chosen\n", 1)[1].splitlines()
+    assert table[0].startswith("budget: param_reduction 1.5x over 2 layers: params 8.32k -> ")
+    assert table[1].split()[:4] == ["layer", "full", "floor", "rank"]
+    assert [row.split()[0] for row in table[2:4]] == ["0", "2"]
