@@ -10,14 +10,17 @@ from musco_std.conv1d import SVD1d, Tucker21d
 from musco_std.cp import CP3, CP4
 from musco_std.hf_conv1d import SVDHFConv1D
 from musco_std.recurrent import SVDRecurrent
+from musco_std.routing import Routed
 from musco_std.svd import SVD
 from musco_std.tucker2 import Tucker2
 
 
 @hookimpl
 def musco_add_decompositions(register):
-    for decomposition in (SVD(), Tucker2(), CP3(), CP4(),
-                          SVD1d(), Tucker21d(), SVDHFConv1D(), SVDRecurrent()):
+    # `svd` and `tucker2` also take the 1-D layer types (and GPT-2's Conv1D), handed to
+    # the specialised decompositions, which stay registered under their own names too.
+    for decomposition in (Routed(SVD(), SVD1d(), SVDHFConv1D()), Routed(Tucker2(), Tucker21d()),
+                          CP3(), CP4(), SVD1d(), Tucker21d(), SVDHFConv1D(), SVDRecurrent()):
         register(decomposition)
 
 

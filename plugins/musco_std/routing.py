@@ -84,6 +84,12 @@ class Routed(Decomposition):
     def rank_matrices(self, module) -> list[torch.Tensor]:
         return self.route(module).rank_matrices(module)
 
+    def data_rank_matrices(self, module, data, params):
+        target = self.route(module)
+        if target is self.base:
+            return target.data_rank_matrices(module, data, params)
+        return target.rank_matrices(module)
+
     def validate_rank(self, module, rank):
         return self.route(module).validate_rank(module, rank)
 
