@@ -383,7 +383,7 @@ class Compressor:
         rank the rule chooses now and the decomposition's parameter and FLOP
         counts at that rank (nothing is decomposed, so there is no error), or
         ``"skipped"`` with the reason. Layers the plan skipped (unsupported, tied
-        weights) are listed too. Joint rules (``budget``) choose their ranks here
+        weights) are listed too, and the layers of later rounds (status ``"later"``). Joint rules (``budget``) choose their ranks here
         if they have not yet, which measures the model on the calibration data.
         """
         rows = []
@@ -411,6 +411,15 @@ class Compressor:
                 params_after=decomposition.param_count(choice.module, choice.rank),
                 flops_after=decomposition.flop_count(choice.module, choice.rank, choice.stats),
                 **choice.base))
+        for rnd, name, index in self.plan.later:
+            rule = self.rules[index]
+            stats = self.stats[name]
+            rows.append(LayerReport(
+                name=name, round=rnd, decomposition=rule.decomposition.name,
+                rank_rule=rule.rank.name, status="later", params_before=stats.params,
+                params_after=stats.params, flops_before=stats.flops, flops_after=stats.flops,
+                reason=f"round {rnd}: its rank is chosen when the round starts, on the "
+                       "factorized layer"))
         return rows
 
     def _progress(self, work, index):

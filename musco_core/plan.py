@@ -149,18 +149,22 @@ class Plan:
     round: int = 1
     #: Things worth a look that do not stop the run: ranks far below full rank.
     warnings: tuple[str, ...] = ()
+    #: Layers of later rounds, projected: ``(round, layer, rule index)``.
+    later: tuple[tuple[int, str, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"entries": [attrs.asdict(e) for e in self.entries],
                 "steps": [[[rnd, name] for rnd, name in step] for step in self.steps],
-                "round": self.round, "warnings": list(self.warnings)}
+                "round": self.round, "warnings": list(self.warnings),
+                "later": [list(x) for x in self.later]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         return cls(entries=tuple(PlanEntry(**e) for e in data["entries"]),
                    steps=tuple(tuple((int(r), str(n)) for r, n in step) for step in data["steps"]),
                    round=int(data.get("round", 1)),
-                   warnings=tuple(data.get("warnings", ())))
+                   warnings=tuple(data.get("warnings", ())),
+                   later=tuple((int(r), str(n), int(i)) for r, n, i in data.get("later", ())))
 
     def entry(self, name: str) -> PlanEntry:
         for e in self.entries:
@@ -302,14 +306,16 @@ def build_plan(
     steps: list[tuple[tuple[int, str], ...]] = [
         tuple((rnd, n) for n in order[k : k + spec.layers_per_step])
         for k in range(0, len(order), spec.layers_per_step)]
+    later: list[tuple[int, str, int]] = []
     if project and rnd < spec.rounds:
         steps += _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries,
-                               by_rule)
-    return Plan(entries=tuple(entries), steps=tuple(steps), round=rnd, warnings=tuple(warnings))
+                               by_rule, later)
+    return Plan(entries=tuple(entries), steps=tuple(steps), round=rnd, warnings=tuple(warnings),
+                later=tuple(later))
 
 
 def _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries,
-                  by_rule) -> list[tuple[tuple[int, str], ...]]:
+                  by_rule, projected: list) -> list[tuple[tuple[int, str], ...]]:
     """Plan rounds ``rnd + 1 ..`` on a projection of the model; their steps, or SpecError."""
     import copy
 
@@ -339,6 +345,7 @@ def _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries
                              for p in exc.problems]) from None
         steps += [step for step in plan.steps if step and step[0][0] == later]
         planned = [e for e in plan.entries if e.status == "compress"]
+        projected += [(later, e.name, int(e.rule)) for e in planned]
         current = {e.name: Layer(e.name, layers[e.name], stats[e.name], later) for e in planned}
     return steps
 

@@ -22,8 +22,9 @@ def _ratio(before: int, after: int) -> str:
 class LayerReport:
     """What happened to one layer in one step.
 
-    ``status`` is ``"compressed"``, ``"skipped"`` (then ``reason`` says why) or
-    ``"planned"`` (a preview: ranks and counts, nothing decomposed).
+    ``status`` is ``"compressed"``, ``"skipped"`` (then ``reason`` says why),
+    ``"planned"`` (a preview: ranks and counts, nothing decomposed) or ``"later"``
+    (a preview of a layer of a later round, whose rank is chosen when it starts).
     ``flops`` are for the example inputs, counted by PyTorch. ``rel_error`` is
     ``|W - W'|_F / |W|_F`` of the layer's weight. With calibration data,
     ``output_error`` is the relative error of the layer's output on it,
@@ -85,7 +86,8 @@ def format_table(layers: list[LayerReport] | tuple[LayerReport, ...]) -> str:
                 if r.refined_from is not None:
                     out += f" ({r.refined_from:.4f})"
         else:
-            params, flops, err, out = f"skipped: {r.reason}", "", "", ""
+            label = "skipped" if r.status == "skipped" else r.status
+            params, flops, err, out = f"{label}: {r.reason}", "", "", ""
         rank = "x".join(map(str, r.rank)) if isinstance(r.rank, tuple) else str(r.rank or "-")
         row = (r.name, str(r.round), r.decomposition, rank, params, flops, err)
         rows.append(row + ((out,) if with_output else ()) + (f"{r.seconds:.2f}s",))

@@ -249,6 +249,8 @@ def test_rules_for_later_rounds_are_checked_and_counted_up_front():
         warnings.simplefilter("ignore")
         compressor = musco.Compressor(model, Spec(rules=[first, good], rounds=2), x)
         assert compressor.plan.steps == (((1, "fc"),), ((2, "fc"),))
+        rows = [(r.name, r.round, r.status) for r in compressor.preview()]
+        assert rows == [("fc", 1, "planned"), ("fc", 2, "later")]
         ran = 0
         while not compressor.done:
             compressor.step()
