@@ -116,7 +116,6 @@ def _one_thread(check):
     return wrapper
 
 
-
 @_one_thread
 def check_supports_some_layer(decomposition: Decomposition, *, layers=None, **_) -> None:
     """The decomposition accepts at least one of the layers (else nothing is tested)."""

@@ -13,16 +13,15 @@ anisotropic, the case where fitting the data matters::
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from musco_core.calibration import KNOWN_STATISTICS, LayerData
 from musco_core.errors import UnsupportedLayerError
 from musco_core.strategies import Decomposition
+from musco_core.testing.checks import _one_thread, _ranks
 from musco_core.testing.strategies import ConvConfig, LinearConfig
 
 __all__ = ["DATA_LAYERS", "anisotropic_inputs", "check_data_aware"]
@@ -85,32 +84,9 @@ def _inputs(config, seed: int, condition: float, shifted: bool):
     return image(rows), image(cur)
 
 
-def _ranks(decomposition: Decomposition, module: nn.Module) -> list:
-    """Rank 1, about half the full rank, and the full rank (distinct, in that order)."""
-    full = decomposition.full_rank(module)
-    if isinstance(full, int):
-        ranks = [1, max(1, full // 2), full]
-    else:
-        ranks = [tuple(1 for _ in full), tuple(max(1, f // 2) for f in full), tuple(full)]
-    return list(dict.fromkeys(ranks))
-
-
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     scale = float(torch.linalg.vector_norm(want)) or 1.0
     return float(torch.linalg.vector_norm(got - want)) / scale
-
-
-def _one_thread(check):
-    @functools.wraps(check)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return check(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
 
 
 @_one_thread
