@@ -11,11 +11,17 @@ from torch import nn
 from musco_core import Decomposition, LayerStats, UnsupportedLayerError, relative_error
 from musco_std._conv import factor_kw
 from musco_std.grouped import group_problem
-from musco_std.svd import svd_factors
-from musco_std.tucker2 import Tucker2Params, tucker2_hooi, tucker2_reconstruct
+from musco_std.svd import FactorPairSVD, _TwoConvs, core_of_product, fill_factor_pair
+from musco_std.tucker2 import (
+    ChannelTucker2,
+    Tucker2Params,
+    _Tucker2Convs,
+    tucker2_hooi,
+    tucker2_reconstruct,
+)
 
 
-class SVDConv1d(nn.Module):
+class SVDConv1d(_TwoConvs):
     """Kernel-1 ``nn.Conv1d`` factorized as two kernel-1 convs: in -> rank -> out.
 
     ``first`` keeps the original stride, padding, dilation and padding mode (no
@@ -24,25 +30,10 @@ class SVDConv1d(nn.Module):
 
     #: Marks a factorized layer for the engine and the ``factorized`` matcher.
     musco_decomposition = "svd1d"
-
-    def __init__(self, in_channels: int, rank: int, out_channels: int, *, stride=1, padding=0,
-                 dilation=1, padding_mode: str = "zeros", bias: bool = True, device=None,
-                 dtype=None):
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.first = nn.Conv1d(in_channels, rank, 1, stride=stride, padding=padding,
-                               dilation=dilation, bias=False, padding_mode=padding_mode, **kw)
-        self.second = nn.Conv1d(rank, out_channels, 1, bias=bias, **kw)
-
-    @property
-    def rank(self) -> int:
-        return self.first.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+    _conv = nn.Conv1d
 
 
-class Tucker2Conv1d(nn.Module):
+class Tucker2Conv1d(_Tucker2Convs):
     """Kernel-k ``nn.Conv1d`` factorized as ``last(core(first(x)))``.
 
     ``first``: kernel-1 conv ``in -> r_in``; ``core``: kernel-k conv ``r_in -> r_out``
@@ -52,25 +43,7 @@ class Tucker2Conv1d(nn.Module):
     """
 
     musco_decomposition = "tucker2_1d"
-
-    def __init__(self, in_channels: int, ranks: tuple[int, int], out_channels: int,
-                 kernel_size, *, stride=1, padding=0, dilation=1, padding_mode: str = "zeros",
-                 bias: bool = True, device=None, dtype=None):
-        super().__init__()
-        r_in, r_out = ranks
-        kw = {"device": device, "dtype": dtype}
-        self.first = nn.Conv1d(in_channels, r_in, 1, bias=False, **kw)
-        self.core = nn.Conv1d(r_in, r_out, kernel_size, stride=stride, padding=padding,
-                              dilation=dilation, padding_mode=padding_mode, bias=False, **kw)
-        self.last = nn.Conv1d(r_out, out_channels, 1, bias=bias, **kw)
-
-    @property
-    def rank(self) -> tuple[int, int]:
-        """``(r_in, r_out)``."""
-        return self.core.in_channels, self.core.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
+    _conv = nn.Conv1d
 
 
 def conv1d_positions(shape: tuple[int, ...]) -> int:
@@ -97,17 +70,7 @@ def _check_conv1d(name: str, module: nn.Module, decomposition: str, kernel_one: 
             f"only, got kernel_size=1; use 'svd1d' for kernel-1 convs")
 
 
-def _core_of_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """An r x r matrix with the non-zero singular values of ``b @ a`` (b: m x r, a: r x n).
-
-    With ``a^T = Q_a R_a`` and ``b = Q_b R_b``: ``b a = Q_b (R_b R_a^T) Q_a^T``.
-    """
-    r_a = torch.linalg.qr(a.T, mode="r").R
-    r_b = torch.linalg.qr(b, mode="r").R
-    return r_b @ r_a.T
-
-
-class SVD1d(Decomposition):
+class SVD1d(FactorPairSVD, Decomposition):
     """Truncated SVD of a kernel-1 ``nn.Conv1d`` weight (out x in), rebuilt as :class:`SVDConv1d`.
 
     Handles kernel-1 ``nn.Conv1d`` (any stride, padding, dilation, padding mode,
@@ -130,22 +93,9 @@ class SVD1d(Decomposition):
             return module.in_channels, module.out_channels, module.bias is not None
         return module.first.in_channels, module.second.out_channels, module.second.bias is not None
 
-    def full_rank(self, module: nn.Module) -> int:
-        n_in, n_out, _ = self._dims(module)
-        return min(n_in, n_out)
-
-    def param_count(self, module: nn.Module, rank: int) -> int:
-        n_in, n_out, bias = self._dims(module)
-        return rank * (n_in + n_out) + (n_out if bias else 0)
-
-    def flop_count(self, module: nn.Module, rank: int, stats: LayerStats) -> int:
-        n_in, n_out, _ = self._dims(module)
-        return 2 * conv1d_positions(stats.output_shape) * rank * (n_in + n_out) * stats.calls
-
-    def rank_for_param_count(self, module: nn.Module, budget: float) -> int | None:
-        n_in, n_out, bias = self._dims(module)
-        rank = min(int((budget - (n_out if bias else 0)) // (n_in + n_out)), min(n_in, n_out))
-        return rank if rank >= 1 else None
+    @staticmethod
+    def _positions(stats: LayerStats) -> int:
+        return conv1d_positions(stats.output_shape)
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         n_in, n_out, _ = self._dims(module)
@@ -159,20 +109,13 @@ class SVD1d(Decomposition):
         if isinstance(module, nn.Conv1d):
             return [self.weight(module).detach()]
         n_in, n_out, _ = self._dims(module)
-        return [_core_of_product(module.first.weight.detach().reshape(module.rank, n_in),
-                                 module.second.weight.detach().reshape(n_out, module.rank))]
+        return [core_of_product(module.first.weight.detach().reshape(module.rank, n_in),
+                                module.second.weight.detach().reshape(n_out, module.rank))]
 
     def skeleton(self, module: nn.Module, rank: int, params: Any = None) -> nn.Module:
         n_in, n_out, _ = self._dims(module)
         kw = factor_kw(module)
         return self.build(module, (torch.zeros(rank, n_in, **kw), torch.zeros(n_out, rank, **kw)))
-
-    def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
-        return svd_factors(weight, rank)
-
-    def reconstruct(self, factors) -> torch.Tensor:
-        first, second = factors
-        return second @ first
 
     def build(self, module: nn.Module, factors) -> nn.Module:
         first, second = factors
@@ -182,15 +125,10 @@ class SVD1d(Decomposition):
         new = SVDConv1d(n_in, first.shape[0], n_out, stride=conv.stride, padding=conv.padding,
                         dilation=conv.dilation, padding_mode=conv.padding_mode, bias=bias,
                         **factor_kw(module))
-        with torch.no_grad():
-            new.first.weight.copy_(first.reshape(new.first.weight.shape))
-            new.second.weight.copy_(second.reshape(new.second.weight.shape))
-            if bias:
-                new.second.bias.copy_(bias_src.bias)
-        return new
+        return fill_factor_pair(new, first, second, bias_src.bias)
 
 
-class Tucker21d(Decomposition):
+class Tucker21d(ChannelTucker2, Decomposition):
     """Tucker-2 of a kernel-k ``nn.Conv1d`` weight on its channel modes, rebuilt as :class:`Tucker2Conv1d`.
 
     ``W (out, in, k) ~ G x_0 U_out x_1 U_in`` with ``G`` of shape ``(r_out, r_in, k)``,
@@ -227,21 +165,9 @@ class Tucker21d(Decomposition):
                     module.core.kernel_size[0], module.last.bias is not None)
         return module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None
 
-    def full_rank(self, module: nn.Module) -> tuple[int, int]:
-        if isinstance(module, Tucker2Conv1d):
-            return module.rank
-        return module.in_channels, module.out_channels
-
-    def param_count(self, module: nn.Module, rank: tuple[int, int]) -> int:
-        n_in, n_out, k, bias = self._dims(module)
-        r_in, r_out = rank
-        return n_in * r_in + k * r_in * r_out + r_out * n_out + (n_out if bias else 0)
-
-    def flop_count(self, module: nn.Module, rank: tuple[int, int], stats: LayerStats) -> int:
-        n_in, n_out, k, _ = self._dims(module)
-        r_in, r_out = rank
-        p_in, p_out = conv1d_positions(stats.input_shape), conv1d_positions(stats.output_shape)
-        return 2 * (p_in * n_in * r_in + p_out * (k * r_in * r_out + r_out * n_out)) * stats.calls
+    @staticmethod
+    def _positions(stats: LayerStats) -> tuple[int, int]:
+        return conv1d_positions(stats.input_shape), conv1d_positions(stats.output_shape)
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The dense weight as ``(out, in, k, 1)``."""
@@ -293,25 +219,10 @@ class Tucker21d(Decomposition):
                                    torch.zeros(r_out, r_in, k, 1, **kw),
                                    torch.zeros(n_out, r_out, **kw)))
 
-    def decompose(self, weight: torch.Tensor, rank: tuple[int, int], params: Any = None):
-        params = params if params is not None else Tucker2Params()
-        return tucker2_hooi(weight, tuple(rank), n_iter_max=params.n_iter_max, tol=params.tol)
-
-    def reconstruct(self, factors) -> torch.Tensor:
-        return tucker2_reconstruct(*factors)
-
-    def build(self, module: nn.Module, factors) -> nn.Module:
-        first, core, last = factors
+    def _new(self, module: nn.Module, rank: tuple[int, int]) -> Tucker2Conv1d:
+        """An empty :class:`Tucker2Conv1d` of ``rank = (r_in, r_out)`` replacing ``module``."""
         n_in, n_out, k, bias = self._dims(module)
         conv = module.core if isinstance(module, Tucker2Conv1d) else module
-        bias_src = module.last if isinstance(module, Tucker2Conv1d) else module
-        new = Tucker2Conv1d(n_in, (core.shape[1], core.shape[0]), n_out, k, stride=conv.stride,
-                            padding=conv.padding, dilation=conv.dilation,
-                            padding_mode=conv.padding_mode, bias=bias, **factor_kw(module))
-        with torch.no_grad():
-            new.first.weight.copy_(first.reshape(new.first.weight.shape))
-            new.core.weight.copy_(core.reshape(new.core.weight.shape))
-            new.last.weight.copy_(last.reshape(new.last.weight.shape))
-            if bias:
-                new.last.bias.copy_(bias_src.bias)
-        return new
+        return Tucker2Conv1d(n_in, rank, n_out, k, stride=conv.stride, padding=conv.padding,
+                             dilation=conv.dilation, padding_mode=conv.padding_mode, bias=bias,
+                             **factor_kw(module))

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from musco_core import Decomposition, LayerStats, UnsupportedLayerError
-from musco_std.svd import SVDLinear, svd_factors
+from musco_core import Decomposition, UnsupportedLayerError
+from musco_std.svd import FactorPairSVD, SVDLinear, fill_factor_pair
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -29,7 +29,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
             and (bias is None or (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (nf,))))
 
 
-class SVDHFConv1D(Decomposition):
+class SVDHFConv1D(FactorPairSVD, Decomposition):
     """Truncated SVD of a GPT-2 style ``Conv1D``: ``W^T (out x in) ~ U_r S_r V_r^T``.
 
     ``Conv1D`` computes ``x @ weight + bias`` with ``weight`` stored as
@@ -65,23 +65,6 @@ class SVDHFConv1D(Decomposition):
         n_in, n_out = module.weight.shape
         return n_in, n_out, module.bias is not None
 
-    def full_rank(self, module: nn.Module) -> int:
-        n_in, n_out, _ = self._dims(module)
-        return min(n_in, n_out)
-
-    def param_count(self, module: nn.Module, rank: int) -> int:
-        n_in, n_out, bias = self._dims(module)
-        return rank * (n_in + n_out) + (n_out if bias else 0)
-
-    def flop_count(self, module: nn.Module, rank: int, stats: LayerStats) -> int:
-        n_in, n_out, _ = self._dims(module)
-        return 2 * stats.positions * rank * (n_in + n_out) * stats.calls
-
-    def rank_for_param_count(self, module: nn.Module, budget: float) -> int | None:
-        n_in, n_out, bias = self._dims(module)
-        rank = min(int((budget - (n_out if bias else 0)) // (n_in + n_out)), min(n_in, n_out))
-        return rank if rank >= 1 else None
-
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The weight in ``nn.Linear``'s layout ``(out, in)``: the stored weight transposed."""
         return module.weight.T
@@ -94,21 +77,9 @@ class SVDHFConv1D(Decomposition):
         kw = {"device": module.weight.device, "dtype": module.weight.dtype}
         return self.build(module, (torch.zeros(rank, n_in, **kw), torch.zeros(n_out, rank, **kw)))
 
-    def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
-        return svd_factors(weight, rank)
-
-    def reconstruct(self, factors) -> torch.Tensor:
-        first, second = factors
-        return second @ first
-
     def build(self, module: nn.Module, factors) -> nn.Module:
         first, second = factors
         n_in, n_out, bias = self._dims(module)
         new = SVDLinear(n_in, first.shape[0], n_out, bias=bias, device=module.weight.device,
                         dtype=module.weight.dtype)
-        with torch.no_grad():
-            new.first.weight.copy_(first)
-            new.second.weight.copy_(second)
-            if bias:
-                new.second.bias.copy_(module.bias)
-        return new
+        return fill_factor_pair(new, first, second, module.bias)

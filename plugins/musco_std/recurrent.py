@@ -12,7 +12,7 @@ from musco_core import Decomposition, LayerStats, UnsupportedLayerError
 from musco_core.stats import param_count as module_params
 from musco_core.stats import RECURRENT_GATES as GATES
 from musco_core.stats import recurrent_flops
-from musco_std.svd import svd_factors
+from musco_std.svd import FactorPairSVD, core_of_product
 
 
 class LowRankInput(nn.Module):
@@ -88,7 +88,7 @@ def _inner(module: nn.Module) -> nn.RNNBase:
     return module.rnn if isinstance(module, LowRankInput) else module
 
 
-class SVDRecurrent(Decomposition):
+class SVDRecurrent(FactorPairSVD, Decomposition):
     """Truncated SVD of the input-to-hidden weights of a recurrent layer's first layer.
 
     For ``nn.LSTM`` (4 gates), ``nn.GRU`` (3) and ``nn.RNN`` (1), the first layer's
@@ -134,17 +134,13 @@ class SVDRecurrent(Decomposition):
         rows = GATES[rnn.mode] * rnn.hidden_size * (2 if rnn.bidirectional else 1)
         return n_in, rows
 
-    def full_rank(self, module: nn.Module) -> int:
-        return min(self._dims(module))
+    def _sides(self, module: nn.Module) -> tuple[int, int]:
+        return self._dims(module)
 
-    def _rest(self, module: nn.Module) -> int:
+    def _fixed_params(self, module: nn.Module) -> int:
         """Parameters of the recurrent layer other than layer 0's ``W_ih``."""
         rnn = _inner(module)
         return module_params(rnn) - self._dims(module)[1] * rnn.input_size
-
-    def param_count(self, module: nn.Module, rank: int) -> int:
-        n_in, rows = self._dims(module)
-        return self._rest(module) + rank * (n_in + rows)
 
     def flop_count(self, module: nn.Module, rank: int, stats: LayerStats) -> int:
         """``2 steps in r`` for the projection plus :func:`musco_core.stats.recurrent_flops`
@@ -154,11 +150,6 @@ class SVDRecurrent(Decomposition):
         rnn = _inner(module)
         per_call = 2 * steps * n_in * rank + recurrent_flops(rnn, (steps, rank), input_size=rank)
         return per_call * stats.calls
-
-    def rank_for_param_count(self, module: nn.Module, budget: float) -> int | None:
-        n_in, rows = self._dims(module)
-        rank = min(int((budget - self._rest(module)) // (n_in + rows)), min(n_in, rows))
-        return rank if rank >= 1 else None
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         """Layer 0's ``W_ih`` of all directions stacked: (directions * gates * hidden, in)."""
@@ -172,22 +163,13 @@ class SVDRecurrent(Decomposition):
             return [self.weight(module).detach()]
         rnn = module.rnn
         b = torch.cat([getattr(rnn, f"weight_ih_l0{s}") for s in _suffixes(rnn)]).detach()
-        r_a = torch.linalg.qr(module.proj.weight.detach().T, mode="r").R
-        r_b = torch.linalg.qr(b, mode="r").R
-        return [r_b @ r_a.T]
+        return [core_of_product(module.proj.weight.detach(), b)]
 
     def skeleton(self, module: nn.Module, rank: int, params: Any = None) -> nn.Module:
         n_in, rows = self._dims(module)
         ref = _inner(module).weight_ih_l0
         kw = {"device": ref.device, "dtype": ref.dtype}
         return self.build(module, (torch.zeros(rank, n_in, **kw), torch.zeros(rows, rank, **kw)))
-
-    def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
-        return svd_factors(weight, rank)
-
-    def reconstruct(self, factors) -> torch.Tensor:
-        first, second = factors
-        return second @ first
 
     def build(self, module: nn.Module, factors) -> nn.Module:
         first, second = factors

@@ -32,19 +32,24 @@ class SVDLinear(nn.Module):
         return self.second(self.first(x))
 
 
-class SVDConv1x1(nn.Module):
-    """1x1 ``nn.Conv2d`` factorized as two 1x1 convs: in -> rank (stride, padding) -> out (bias)."""
+class _TwoConvs(nn.Module):
+    """Two kernel-1 convs ``second(first(x))``: in -> rank -> out, of the class ``_conv``.
 
-    musco_decomposition = "svd"
+    ``first`` keeps the original stride, padding, dilation and padding mode (no
+    bias); ``second`` carries the original bias. The body of :class:`SVDConv1x1`
+    (``nn.Conv2d``) and :class:`musco_std.conv1d.SVDConv1d` (``nn.Conv1d``).
+    """
+
+    _conv = nn.Conv2d  # no annotation: TorchScript would read it as an attribute
 
     def __init__(self, in_channels: int, rank: int, out_channels: int, *, stride=1, padding=0,
                  dilation=1, padding_mode: str = "zeros", bias: bool = True, device=None,
                  dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.first = nn.Conv2d(in_channels, rank, 1, stride=stride, padding=padding,
-                               dilation=dilation, bias=False, padding_mode=padding_mode, **kw)
-        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
+        self.first = self._conv(in_channels, rank, 1, stride=stride, padding=padding,
+                                dilation=dilation, bias=False, padding_mode=padding_mode, **kw)
+        self.second = self._conv(rank, out_channels, 1, bias=bias, **kw)
 
     @property
     def rank(self) -> int:
@@ -52,6 +57,13 @@ class SVDConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+
+class SVDConv1x1(_TwoConvs):
+    """1x1 ``nn.Conv2d`` factorized as two 1x1 convs: in -> rank (stride, padding) -> out (bias)."""
+
+    musco_decomposition = "svd"
+    _conv = nn.Conv2d
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +80,75 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     root = s[:rank].sqrt()
     first, second = root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
     return first.to(weight.dtype), second.to(weight.dtype)
+
+
+def core_of_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An r x r matrix with the non-zero singular values of ``b @ a`` (b: m x r, a: r x n).
+
+    With ``a^T = Q_a R_a`` and ``b = Q_b R_b``: ``b a = Q_b (R_b R_a^T) Q_a^T``.
+    """
+    r_a = torch.linalg.qr(a.T, mode="r").R
+    r_b = torch.linalg.qr(b, mode="r").R
+    return r_b @ r_a.T
+
+
+def fill_factor_pair(new: nn.Module, first: torch.Tensor, second: torch.Tensor,
+                     bias: torch.Tensor | None) -> nn.Module:
+    """Copy ``first`` (rank, in) and ``second`` (out, rank) into ``new.first`` / ``new.second``
+    (reshaped to their weights' shapes), and ``bias`` into ``new.second.bias`` unless None."""
+    with torch.no_grad():
+        new.first.weight.copy_(first.reshape(new.first.weight.shape))
+        new.second.weight.copy_(second.reshape(new.second.weight.shape))
+        if bias is not None:
+            new.second.bias.copy_(bias)
+    return new
+
+
+class FactorPairSVD:
+    """What the truncated-SVD decompositions share: ``W (out x in) ~ second @ first``.
+
+    Mixed in before :class:`~musco_core.Decomposition` by ``svd``, ``svd1d``,
+    ``svd_hf_conv1d`` and ``svd_rnn``. Needs ``_dims(module) -> (in, out, has_bias)``,
+    or else ``_sides(module) -> (in, out)`` and ``_fixed_params(module)`` (the
+    parameters outside the two factors; the bias by default). ``flop_count`` counts
+    ``2 positions r (in + out)`` per call, with ``_positions(stats)`` (default
+    ``stats.positions``).
+    """
+
+    def _sides(self, module: nn.Module) -> tuple[int, int]:
+        n_in, n_out, _ = self._dims(module)
+        return n_in, n_out
+
+    def _fixed_params(self, module: nn.Module) -> int:
+        _, n_out, bias = self._dims(module)
+        return n_out if bias else 0
+
+    def _positions(self, stats: LayerStats) -> int:
+        return stats.positions
+
+    def full_rank(self, module: nn.Module) -> int:
+        return min(self._sides(module))
+
+    def param_count(self, module: nn.Module, rank: int) -> int:
+        n_in, n_out = self._sides(module)
+        return rank * (n_in + n_out) + self._fixed_params(module)
+
+    def flop_count(self, module: nn.Module, rank: int, stats: LayerStats) -> int:
+        n_in, n_out = self._sides(module)
+        return 2 * self._positions(stats) * rank * (n_in + n_out) * stats.calls
+
+    def rank_for_param_count(self, module: nn.Module, budget: float) -> int | None:
+        n_in, n_out = self._sides(module)
+        rank = int((budget - self._fixed_params(module)) // (n_in + n_out))
+        rank = min(rank, min(n_in, n_out))
+        return rank if rank >= 1 else None
+
+    def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
+        return svd_factors(weight, rank)
+
+    def reconstruct(self, factors) -> torch.Tensor:
+        first, second = factors
+        return second @ first
 
 
 def _flag(instance, attribute, value) -> None:
@@ -90,7 +171,7 @@ class SVDParams:
     damping: float = attrs.field(default=1e-6, validator=_damping)
 
 
-class SVD(Decomposition):
+class SVD(FactorPairSVD, Decomposition):
     """Truncated SVD: ``W (out x in) ~ U_r S_r V_r^T``, the optimal rank-r approximation.
 
     Handles ``nn.Linear``, 1x1 ``nn.Conv2d`` (any stride, padding, padding mode,
@@ -133,24 +214,6 @@ class SVD(Decomposition):
         first, second = module.first, module.second
         return first.weight.shape[1], second.weight.shape[0], second.bias is not None
 
-    def full_rank(self, module: nn.Module) -> int:
-        n_in, n_out, _ = self._dims(module)
-        return min(n_in, n_out)
-
-    def param_count(self, module: nn.Module, rank: int) -> int:
-        n_in, n_out, bias = self._dims(module)
-        return rank * (n_in + n_out) + (n_out if bias else 0)
-
-    def flop_count(self, module: nn.Module, rank: int, stats: LayerStats) -> int:
-        n_in, n_out, _ = self._dims(module)
-        return 2 * stats.positions * rank * (n_in + n_out) * stats.calls
-
-    def rank_for_param_count(self, module: nn.Module, budget: float) -> int | None:
-        n_in, n_out, bias = self._dims(module)
-        rank = int((budget - (n_out if bias else 0)) // (n_in + n_out))
-        rank = min(rank, min(n_in, n_out))
-        return rank if rank >= 1 else None
-
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The (out, in) weight matrix; for a factorized layer ``second @ first``.
 
@@ -180,9 +243,7 @@ class SVD(Decomposition):
         n_in, n_out, _ = self._dims(module)
         a = working(module.first.weight).reshape(module.rank, n_in)
         b = working(module.second.weight).reshape(n_out, module.rank)
-        r_a = torch.linalg.qr(a.T, mode="r").R
-        r_b = torch.linalg.qr(b, mode="r").R
-        return [r_b @ r_a.T]
+        return [core_of_product(a, b)]
 
     def needs(self, params: Any) -> frozenset[str]:
         return frozenset({"input_gram"}) if getattr(params, "whiten", False) else frozenset()
@@ -237,13 +298,6 @@ class SVD(Decomposition):
         """
         return self._new(module, rank)
 
-    def decompose(self, weight: torch.Tensor, rank: int, params: Any = None):
-        return svd_factors(weight, rank)
-
-    def reconstruct(self, factors) -> torch.Tensor:
-        first, second = factors
-        return second @ first
-
     def _new(self, module: nn.Module, rank: int) -> nn.Module:
         """An empty :class:`SVDLinear` / :class:`SVDConv1x1` of ``rank`` replacing ``module``."""
         n_in, n_out, bias = self._dims(module)
@@ -258,12 +312,6 @@ class SVD(Decomposition):
 
     def build(self, module: nn.Module, factors) -> nn.Module:
         first, second = factors
-        new = self._new(module, first.shape[0])
         # For a factorized module the bias comes from `second`.
         last = module.second if isinstance(module, (SVDLinear, SVDConv1x1)) else module
-        with torch.no_grad():
-            new.first.weight.copy_(first.reshape(new.first.weight.shape))
-            new.second.weight.copy_(second.reshape(new.second.weight.shape))
-            if last.bias is not None:
-                new.second.bias.copy_(last.bias)
-        return new
+        return fill_factor_pair(self._new(module, first.shape[0]), first, second, last.bias)

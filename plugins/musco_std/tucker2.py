@@ -26,7 +26,38 @@ from musco_std._conv import (
 )
 
 
-class Tucker2Conv2d(nn.Module):
+class _Tucker2Convs(nn.Module):
+    """Three convs of the class ``_conv``: ``last(core(first(x)))``.
+
+    ``first``: kernel-1 conv ``in -> r_in``; ``core``: kernel-k conv ``r_in -> r_out``
+    with the original stride, padding, dilation and padding mode; ``last``: kernel-1
+    conv ``r_out -> out`` with the original bias. The body of :class:`Tucker2Conv2d`
+    (``nn.Conv2d``) and :class:`musco_std.conv1d.Tucker2Conv1d` (``nn.Conv1d``).
+    """
+
+    _conv = nn.Conv2d  # no annotation: TorchScript would read it as an attribute
+
+    def __init__(self, in_channels: int, ranks: tuple[int, int], out_channels: int,
+                 kernel_size, *, stride=1, padding=0, dilation=1, padding_mode: str = "zeros",
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        r_in, r_out = ranks
+        kw = {"device": device, "dtype": dtype}
+        self.first = self._conv(in_channels, r_in, 1, bias=False, **kw)
+        self.core = self._conv(r_in, r_out, kernel_size, stride=stride, padding=padding,
+                               dilation=dilation, padding_mode=padding_mode, bias=False, **kw)
+        self.last = self._conv(r_out, out_channels, 1, bias=bias, **kw)
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """``(r_in, r_out)``."""
+        return self.core.in_channels, self.core.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+
+class Tucker2Conv2d(_Tucker2Convs):
     """kxk ``nn.Conv2d`` factorized as ``last(core(first(x)))``.
 
     ``first``: 1x1 conv ``in -> r_in``; ``core``: kxk conv ``r_in -> r_out`` with the
@@ -36,25 +67,7 @@ class Tucker2Conv2d(nn.Module):
 
     #: Marks a factorized layer for the engine and the ``factorized`` matcher.
     musco_decomposition = "tucker2"
-
-    def __init__(self, in_channels: int, ranks: tuple[int, int], out_channels: int,
-                 kernel_size, *, stride=1, padding=0, dilation=1, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__()
-        r_in, r_out = ranks
-        kw = {"device": device, "dtype": dtype}
-        self.first = nn.Conv2d(in_channels, r_in, 1, bias=False, **kw)
-        self.core = nn.Conv2d(r_in, r_out, kernel_size, stride=stride, padding=padding,
-                              dilation=dilation, bias=False, **kw)
-        self.last = nn.Conv2d(r_out, out_channels, 1, bias=bias, **kw)
-
-    @property
-    def rank(self) -> tuple[int, int]:
-        """``(r_in, r_out)``."""
-        return self.core.in_channels, self.core.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
+    _conv = nn.Conv2d
 
 
 def tucker2_hooi(weight: torch.Tensor, rank: tuple[int, int], *, n_iter_max: int = 10,
@@ -132,7 +145,54 @@ class Tucker2Params:
     damping: float = attrs.field(default=1e-6, validator=non_negative)
 
 
-class Tucker2(Decomposition):
+class ChannelTucker2:
+    """What ``tucker2`` and ``tucker2_1d`` share: Tucker-2 on the two channel modes.
+
+    Mixed in before :class:`~musco_core.Decomposition`. Needs
+    ``_dims(module) -> (in, out, kernel positions, has_bias)``,
+    ``_positions(stats) -> (input positions, output positions)`` of one call, and
+    ``_new(module, (r_in, r_out))``, the empty factorized module that replaces ``module``.
+    """
+
+    def full_rank(self, module: nn.Module) -> tuple[int, int]:
+        if isinstance(module, _Tucker2Convs):
+            return module.rank
+        return module.in_channels, module.out_channels
+
+    def param_count(self, module: nn.Module, rank: tuple[int, int]) -> int:
+        n_in, n_out, k, bias = self._dims(module)
+        r_in, r_out = rank
+        return n_in * r_in + k * r_in * r_out + r_out * n_out + (n_out if bias else 0)
+
+    def flop_count(self, module: nn.Module, rank: tuple[int, int], stats: LayerStats) -> int:
+        n_in, n_out, k, _ = self._dims(module)
+        r_in, r_out = rank
+        p_in, p_out = self._positions(stats)
+        per_call = 2 * (p_in * n_in * r_in + p_out * (k * r_in * r_out + r_out * n_out))
+        return per_call * stats.calls
+
+    def decompose(self, weight: torch.Tensor, rank: tuple[int, int], params: Any = None):
+        params = params if params is not None else Tucker2Params()
+        return tucker2_hooi(weight, tuple(rank), n_iter_max=params.n_iter_max, tol=params.tol)
+
+    def reconstruct(self, factors) -> torch.Tensor:
+        return tucker2_reconstruct(*factors)
+
+    def build(self, module: nn.Module, factors) -> nn.Module:
+        first, core, last = factors
+        bias = self._dims(module)[3]
+        bias_src = module.last if isinstance(module, _Tucker2Convs) else module
+        new = self._new(module, (core.shape[1], core.shape[0]))
+        with torch.no_grad():
+            new.first.weight.copy_(first.reshape(new.first.weight.shape))
+            new.core.weight.copy_(core.reshape(new.core.weight.shape))
+            new.last.weight.copy_(last.reshape(new.last.weight.shape))
+            if bias:
+                new.last.bias.copy_(bias_src.bias)
+        return new
+
+
+class Tucker2(ChannelTucker2, Decomposition):
     """Tucker-2 on the channel modes: ``W ~ G x_0 U_out x_1 U_in`` (Kim et al. 2016).
 
     Handles kxk ``nn.Conv2d`` (any kernel shape other than 1x1, stride, padding
@@ -171,22 +231,9 @@ class Tucker2(Decomposition):
         kh, kw = module.kernel_size
         return module.in_channels, module.out_channels, kh * kw, module.bias is not None
 
-    def full_rank(self, module: nn.Module) -> tuple[int, int]:
-        if isinstance(module, Tucker2Conv2d):
-            return module.rank
-        return module.in_channels, module.out_channels
-
-    def param_count(self, module: nn.Module, rank: tuple[int, int]) -> int:
-        n_in, n_out, k, bias = self._dims(module)
-        r_in, r_out = rank
-        return n_in * r_in + k * r_in * r_out + r_out * n_out + (n_out if bias else 0)
-
-    def flop_count(self, module: nn.Module, rank: tuple[int, int], stats: LayerStats) -> int:
-        n_in, n_out, k, _ = self._dims(module)
-        r_in, r_out = rank
-        p_in, p_out = in_out_positions(stats)
-        per_call = 2 * (p_in * n_in * r_in + p_out * (k * r_in * r_out + r_out * n_out))
-        return per_call * stats.calls
+    @staticmethod
+    def _positions(stats: LayerStats) -> tuple[int, int]:
+        return in_out_positions(stats)
 
     def rank_for_param_count(self, module: nn.Module, budget: float) -> tuple[int, int] | None:
         """The largest rank ``(floor(t f_in), floor(t f_out))`` within ``budget`` parameters.
@@ -352,13 +399,6 @@ class Tucker2(Decomposition):
         """
         return self._new(module, tuple(rank))
 
-    def decompose(self, weight: torch.Tensor, rank: tuple[int, int], params: Any = None):
-        params = params if params is not None else Tucker2Params()
-        return tucker2_hooi(weight, tuple(rank), n_iter_max=params.n_iter_max, tol=params.tol)
-
-    def reconstruct(self, factors) -> torch.Tensor:
-        return tucker2_reconstruct(*factors)
-
     def _new(self, module: nn.Module, rank: tuple[int, int]) -> Tucker2Conv2d:
         """An empty :class:`Tucker2Conv2d` of ``rank = (r_in, r_out)`` replacing ``module``."""
         n_in, n_out, _, bias = self._dims(module)
@@ -366,16 +406,3 @@ class Tucker2(Decomposition):
         return Tucker2Conv2d(n_in, rank, n_out, conv.kernel_size, stride=conv.stride,
                              padding=conv.padding, dilation=conv.dilation, bias=bias,
                              **factor_kw(module))
-
-    def build(self, module: nn.Module, factors) -> nn.Module:
-        first, core, last = factors
-        bias = self._dims(module)[3]
-        bias_src = module.last if isinstance(module, Tucker2Conv2d) else module
-        new = self._new(module, (core.shape[1], core.shape[0]))
-        with torch.no_grad():
-            new.first.weight.copy_(first.reshape(new.first.weight.shape))
-            new.core.weight.copy_(core)
-            new.last.weight.copy_(last.reshape(new.last.weight.shape))
-            if bias:
-                new.last.bias.copy_(bias_src.bias)
-        return new
