@@ -34,29 +34,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _path in (HERE, HERE.parent / "examples"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import _common as common  # noqa: E402
 
-SPEC_TOML = """
-layers_per_step = 2
-exclude = ["features.conv1", "classifier.fc2"]   # 1 input channel; the 10-way head
-
-[[rules]]
-match = "conv_kxk"
-decomposition = "tucker2"
-rank = { name = "param_reduction", rate = 2.0 }
-
-[[rules]]
-match = "linear"
-decomposition = "svd"
-rank = { name = "param_reduction", rate = 4.0 }
-"""
-STEPS = 2  # four layers, two per step
+STEPS = 2  # four layers, two per step (the example's spec)
 
 COLUMNS = ("processes", "threads/process", "global batch", "epochs", "acc before %",
            "acc after %", "params x", "FLOPs x", "compress s", "fit s", "wall s",
@@ -86,30 +72,14 @@ def _digest(state: dict) -> str:
 
 def worker(args) -> None:
     import lightning.pytorch as pl
+    # The spec and LightningModule of docs/examples/lightning_fashion_mnist.py.
+    from lightning_fashion_mnist import SPEC, LitCNN
 
-    import musco_core as musco
     from musco_core.lightning import CompressionCallback
 
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, workers=True, verbose=False)
     (x, y, xt, yt), source = _data(args)
-    spec = musco.Spec.from_toml(SPEC_TOML)
-
-    class LitCNN(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = common.small_vgg()
-
-        def forward(self, inputs):
-            return self.net(inputs)
-
-        def training_step(self, batch, batch_idx):
-            inputs, labels = batch
-            return nn.functional.cross_entropy(self(inputs), labels)
-
-        def configure_optimizers(self):
-            optimizer = torch.optim.AdamW(self.parameters(), lr=args.lr, weight_decay=1e-4)
-            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7)]
 
     class BeforeCompression(pl.Callback):
         """Test accuracy on rank 0 at the start of the first compression epoch (listed first,
@@ -124,9 +94,9 @@ def worker(args) -> None:
     per_process = args.batch // args.devices
     train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
                                         batch_size=per_process, shuffle=True)
-    lit = LitCNN()
+    lit = LitCNN(lr=args.lr)
     before = BeforeCompression()
-    compression = CompressionCallback(spec, example_inputs=x[:1], every_n_epochs=1,
+    compression = CompressionCallback(SPEC, example_inputs=x[:1], every_n_epochs=1,
                                       start=args.pretrain, module_attr="net")
     epochs = args.pretrain + STEPS + args.finetune
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=args.devices,
@@ -283,7 +253,7 @@ def main(argv=None) -> dict:
         row["fit speedup"] = rows[0]["fit s"] / row["fit s"]
     meta = {"train": rows[0]["train images"], "test": rows[0]["test images"],
             "source": rows[0]["source"], "pretrain": args.pretrain, "finetune": args.finetune,
-            "lr": args.lr, "batch": args.batch, "smoke": args.smoke, "spec": SPEC_TOML,
+            "lr": args.lr, "batch": args.batch, "smoke": args.smoke,
             "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
     print(common.text_table(rows, COLUMNS))
     common.write_results(Path(args.out), "lightning_ddp",
