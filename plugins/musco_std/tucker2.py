@@ -142,7 +142,7 @@ class Tucker2Params:
     #: at the original layer's output. Needs ``Compressor(..., calibration=...)``.
     whiten: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     #: Relative ridge ``damping * tr(G) / d`` on the channel Gram (whiten only).
-    damping: float = attrs.field(default=1e-6, validator=non_negative)
+    damping: float = attrs.field(default=1e-2, validator=non_negative)
 
 
 class ChannelTucker2:
@@ -344,7 +344,7 @@ class Tucker2(ChannelTucker2, Decomposition):
         weight = working(self.weight(module)).double()
         whitened, _ = whiten_input_mode(weight, data.gram.to(weight.device),
                                         cross=data.cross.to(weight.device),
-                                        damping=getattr(params, "damping", 1e-6))
+                                        damping=getattr(params, "damping", 1e-2))
         return [whitened.transpose(0, 1).reshape(whitened.shape[1], -1),
                 whitened.reshape(whitened.shape[0], -1)]
 
