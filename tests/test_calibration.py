@@ -356,3 +356,26 @@ def test_whitened_tucker2_in_the_engine_lowers_the_output_error_of_each_layer():
     plain = run("tucker2")
     white = run(musco.Decompose("tucker2", whiten=True))
     assert all(w < p for w, p in zip(white, plain))
+
+
+def test_budget_measures_damage_on_as_many_batches_as_it_is_told(monkeypatch):
+    from musco_core.joint import JointContext
+
+    model, data = anisotropic_model_and_data()
+    seen = []
+    original = JointContext.damage
+
+    def spy(self, layer, ranks, *, batches=None):
+        out = original(self, layer, ranks, batches=batches)
+        seen.append(len(self._reference))
+        return out
+
+    monkeypatch.setattr(JointContext, "damage", spy)
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                            rank=RankRule("budget", flop_reduction=1.5, grid=3, batches=5))],
+                exclude=["4"])
+    musco.Compressor(model, spec, data[0], calibration=data).preview()
+    assert seen == [5, 5]
+    with pytest.raises(musco.SpecError, match="'batches' must be an int >= 1 or None, got 0"):
+        musco.Compressor(model, Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule(
+            "budget", flop_reduction=1.5, batches=0))]), data[0], calibration=data)

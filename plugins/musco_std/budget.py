@@ -48,6 +48,11 @@ def _target(instance, attribute, value) -> None:
         )
 
 
+def _batches(instance, attribute, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"'batches' must be an int >= 1 or None, got {value!r}")
+
+
 def _grid(instance, attribute, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
         raise ValueError(
@@ -98,6 +103,9 @@ class BudgetParams:
     #: Whether a layer may stay as it is; ``false`` compresses every layer that can be
     #: made cheaper within the floor and the cap.
     allow_skip: Any = attrs.field(default=True, validator=_bool)
+    #: Calibration batches each damage measurement runs on (``None``: the engine's
+    #: default, 2). More batches: a steadier signal, proportionally slower.
+    batches: Any = attrs.field(default=None, validator=_batches)
 
     def __attrs_post_init__(self) -> None:
         given = [name for name in TARGETS if getattr(self, name) is not None]
@@ -677,7 +685,9 @@ class Budget(RankSelector):
         ranks = list(g.costs)
         if not ranks:
             return []
-        damages = [float(d) for d in context.damage(g.layer, ranks)]
+        measured = (context.damage(g.layer, ranks) if params.batches is None
+                    else context.damage(g.layer, ranks, batches=params.batches))
+        damages = [float(d) for d in measured]
         if len(damages) != len(ranks):
             raise ValueError(f"layer {g.layer.name!r}: context.damage gave {len(damages)} "
                              f"values for {len(ranks)} ranks")
