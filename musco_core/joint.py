@@ -66,6 +66,19 @@ class JointContext:
             layer.module, rank, self._rule.decomposition.params)
         return float(latency.time_module(module, layer.stats.input_shape)) * layer.stats.calls
 
+    def rest_cost(self, metric: str, layers: list[Layer]) -> float:
+        """Cost of the rest of the model beside ``layers``, for model-level targets.
+
+        For ``"latency"``: the whole model's measured time on the example inputs
+        minus the summed time of ``layers`` (at least 0), so a latency target is
+        end to end. FLOP and parameter targets cover the rule's layers only: 0.
+        """
+        if metric != "latency":
+            return 0.0
+        latency = self._compressor._latency_model()
+        total = latency.time_model(self._compressor.model, self._compressor.example_inputs)
+        return max(0.0, total - sum(self.cost(layer, None, "latency") for layer in layers))
+
     def limit(self, layer: Layer, rank: Rank) -> Rank:
         """``rank`` after the rule's ``round_to`` / ``min_rank`` / ``max_rank``."""
         selector = self._rule.rank.strategy

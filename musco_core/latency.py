@@ -182,6 +182,35 @@ class LatencyModel:
         self.cache[key] = seconds
         return seconds
 
+    def time_model(self, model: nn.Module, example_inputs: Any) -> float:
+        """Median seconds of one forward pass of a whole model on ``example_inputs``.
+
+        ``example_inputs`` is what the model takes (a tensor, a tuple of positional
+        arguments or a dict of keywords), used as it is; not cached. Used for
+        model-level latency targets, where the layers left as they are count too.
+        """
+        from musco_core.stats import run_model
+
+        class _Whole(nn.Module):
+            def forward(self, _unused):
+                return run_model(model, example_inputs)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self._threads())
+        try:
+            with torch.no_grad():
+                whole, dummy = _Whole(), torch.empty(0)
+                from musco_core.stats import eval_mode
+
+                with eval_mode(model):
+                    for _ in range(self.warmup):
+                        whole(dummy)
+                    timer = self._timer or benchmark_timer(self.min_run_time, self._threads())
+                    seconds = float(timer(whole, dummy))
+        finally:
+            torch.set_num_threads(threads)
+        return seconds
+
     def speedup(self, old_module: nn.Module, new_module: nn.Module,
                 input_shape: Sequence[int]) -> tuple[float, float]:
         """``(t_old, t_new)``: seconds per call of both modules on the same input shape."""

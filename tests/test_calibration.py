@@ -379,3 +379,47 @@ def test_budget_measures_damage_on_as_many_batches_as_it_is_told(monkeypatch):
     with pytest.raises(musco.SpecError, match="'batches' must be an int >= 1 or None, got 0"):
         musco.Compressor(model, Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule(
             "budget", flop_reduction=1.5, batches=0))]), data[0], calibration=data)
+
+
+class SizeLatency:
+    """A fake latency model: a module's time is its parameter count; the model adds a fixed rest."""
+
+    def __init__(self, rest: float):
+        self.rest = rest
+
+    def time_module(self, module, input_shape):
+        return float(sum(p.numel() for p in module.parameters()))
+
+    def time_model(self, model, example_inputs):
+        return self.time_module(model, None) + self.rest
+
+    def speedup(self, old, new, input_shape):
+        return self.time_module(old, input_shape), self.time_module(new, input_shape)
+
+
+def test_a_model_scope_latency_target_is_end_to_end_and_counts_the_rest_of_the_model():
+    model, data = anisotropic_model_and_data()
+    layers = ("0", "2")
+    spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                            rank=RankRule("budget", latency_reduction=1.25, grid=6,
+                                          min_fraction=0.05, scope="model"))], exclude=["4"])
+    fake = SizeLatency(rest=400.0)
+    compressor = musco.Compressor(model, spec, data[0], calibration=data, latency=fake)
+    rows = {r.name: r for r in compressor.preview()}
+    before_layers = sum(rows[n].params_before for n in layers)
+    after_layers = sum(rows[n].params_after for n in layers)
+    rest = fake.time_model(model, None) - before_layers  # unmatched layer "4" and the fixed 400
+    end_to_end = (before_layers + rest) / (after_layers + rest)
+    assert end_to_end >= 1.25 * (1 - 1e-9)
+    assert before_layers / after_layers > 1.25  # the layers alone must do more than 1.25x
+    layers_only = Spec(rules=[Rule(match="linear", decomposition="svd", rank=RankRule(
+        "budget", latency_reduction=1.25, grid=6, min_fraction=0.05))], exclude=["4"])
+    rows = {r.name: r for r in musco.Compressor(model, layers_only, data[0], calibration=data,
+                                                 latency=fake).preview()}
+    assert sum(rows[n].params_after for n in layers) > after_layers  # "layers" asks for less
+    with pytest.raises(musco.CompressionError, match=r"latency_reduction=3 cannot be reached"):
+        musco.Compressor(model, Spec(rules=[Rule(match="linear", decomposition="svd",
+                                                 rank=RankRule("budget", latency_reduction=3.0,
+                                                               scope="model"))],
+                                     exclude=["4"]),
+                         data[0], calibration=data, latency=SizeLatency(rest=4000.0)).preview()

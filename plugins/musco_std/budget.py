@@ -103,6 +103,11 @@ class BudgetParams:
     #: Whether a layer may stay as it is; ``false`` compresses every layer that can be
     #: made cheaper within the floor and the cap.
     allow_skip: Any = attrs.field(default=True, validator=_bool)
+    #: What a ``latency_reduction`` is measured on: ``"layers"`` (the summed time of the
+    #: layers the rule matches) or ``"model"`` (end to end: the rest of the model's time
+    #: counts too, so the rule's layers must do more). With several budget rules,
+    #: ``"model"`` treats the other rules' layers as part of the rest.
+    scope: Any = attrs.field(default="layers", validator=attrs.validators.in_(("layers", "model")))
     #: Calibration batches each damage measurement runs on (``None``: the engine's
     #: default, 2). More batches: a steadier signal, proportionally slower.
     batches: Any = attrs.field(default=None, validator=_batches)
@@ -532,12 +537,15 @@ class Budget(RankSelector):
         metric = params.metric
         grids = [self._grid(layer, decomposition, params, metric, context) for layer in layers]
         before = sum(g.before for g in grids)
-        budget = before / value * (1 + 1e-12)
+        # scope = "model": a latency target is end to end, the rest of the model counts too.
+        rest = (float(context.rest_cost(metric, layers))
+                if params.scope == "model" and hasattr(context, "rest_cost") else 0.0)
+        budget = ((before + rest) / value - rest) * (1 + 1e-12)
         if before <= 0:  # nothing to reduce (e.g. no FLOPs recorded): nothing changes
             rows = [self._row(g, (), "nothing to reduce: the layers cost 0") for g in grids]
             return self._finish(target, value, metric, rows, context)
         # fail before measuring anything if even the smallest ranks are over budget
-        self._check_reach(grids, params, budget, target, value, [
+        self._check_reach(grids, params, budget, target, value, rest, [
             min([*g.costs.values()] + ([g.before] if params.allow_skip or not g.costs else []))
             for g in grids])
         loop = grids
@@ -558,7 +566,7 @@ class Budget(RankSelector):
             rows.append(self._row(g, candidates, note))
             options.append(opts)
             choices.append(ranks)
-        self._check_reach(grids, params, budget, target, value,
+        self._check_reach(grids, params, budget, target, value, rest,
                           [min(c for c, _ in opts) for opts in options])
         picked = allocate(options, budget)
         rows = [
@@ -629,12 +637,13 @@ class Budget(RankSelector):
                               g.before, g.before, 0.0, tuple(candidates), note)
 
     @staticmethod
-    def _check_reach(grids, params, budget, target, value, cheapest: list[float]) -> None:
+    def _check_reach(grids, params, budget, target, value, rest: float,
+                     cheapest: list[float]) -> None:
         total = sum(cheapest)
         if total <= budget:
             return
         before = sum(g.before for g in grids)
-        reach = before / total if total > 0 else math.inf
+        reach = (before + rest) / (total + rest) if total + rest > 0 else math.inf
         cap = f", max_damage={params.max_damage:g}" if params.max_damage is not None else ""
         skip = "" if params.allow_skip else ", allow_skip=false"
         raise ValueError(
