@@ -17,7 +17,6 @@ pytest.importorskip("lightning.pytorch", reason="needs Lightning (pip install 'm
 BENCHMARKS = Path(__file__).parents[1] / "docs" / "benchmarks"
 
 
-@pytest.mark.slow  # ~30 s of CPU: two fresh interpreters plus a DDP pair
 def test_lightning_ddp_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     bench = importlib.import_module("lightning_ddp")

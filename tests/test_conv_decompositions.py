@@ -116,7 +116,6 @@ def test_cp_recovers_planted_collinear_rank_above_the_kernel_modes(name, shape, 
     assert error <= 1e-4
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("decomposition, shape", [(CP3_, (8, 6, 9)), (CP4_, (8, 6, 3, 3))],
                          ids=["cp3", "cp4"])
 def test_cp_recovery_rate_on_collinear_planted_tensors(decomposition, shape):

@@ -63,7 +63,6 @@ def test_torchscript(models, one_thread):
     run("TorchScript", models)
 
 
-@pytest.mark.slow  # about 15 s: the exporter translates and optimizes two graphs
 def test_onnx_in_onnxruntime(models, one_thread):
     for name in ("onnx", "onnxruntime", "onnxscript"):
         if importlib.util.find_spec(name) is None:
@@ -71,6 +70,5 @@ def test_onnx_in_onnxruntime(models, one_thread):
     run("ONNX, run in onnxruntime", models)
 
 
-@pytest.mark.slow
 def test_torch_compile(models):
     run("`torch.compile`", models)

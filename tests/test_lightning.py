@@ -158,7 +158,6 @@ def test_arguments_are_checked():
 DDP_SCRIPT = Path(__file__).with_name("lightning_ddp_run.py")
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_identical(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(DDP_SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
@@ -172,7 +171,6 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path):
     assert states[0]["trained_after_last_step"]
 
 
-@pytest.mark.slow  # ~15 s of CPU, minutes on a loaded 2-core machine
 def test_example_lightning_fashion_mnist_smoke():
     import importlib.util
 
