@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from musco_core.calibration import collect_layer_data
-from musco_core.stats import _first_tensor, eval_mode, run_model
+from musco_core.stats import _first_tensor, eval_mode, param_count, run_model
 from musco_core.strategies import Layer, Rank
 
 if TYPE_CHECKING:
@@ -69,15 +69,24 @@ class JointContext:
     def rest_cost(self, metric: str, layers: list[Layer]) -> float:
         """Cost of the rest of the model beside ``layers``, for model-level targets.
 
-        For ``"latency"``: the whole model's measured time on the example inputs
-        minus the summed time of ``layers`` (at least 0), so a latency target is
-        end to end. FLOP and parameter targets cover the rule's layers only: 0.
+        The whole model's cost now minus the summed cost of ``layers`` (at least 0):
+        for ``"flops"`` the model's counted FLOPs on the example inputs, for
+        ``"params"`` its parameter count (shared parameters once), for
+        ``"latency"`` its measured time on the example inputs. A rule with
+        ``scope = "model"`` adds this to both sides of its target, so the target is
+        the whole model's reduction.
         """
-        if metric != "latency":
-            return 0.0
-        latency = self._compressor._latency_model()
-        total = latency.time_model(self._compressor.model, self._compressor.example_inputs)
-        return max(0.0, total - sum(self.cost(layer, None, "latency") for layer in layers))
+        if metric not in METRICS:
+            raise ValueError(f"unknown cost metric {metric!r}; use one of {', '.join(METRICS)}")
+        compressor = self._compressor
+        if metric == "flops":
+            total = float(compressor.model_flops_now)
+        elif metric == "params":
+            total = float(param_count(compressor.model))
+        else:
+            total = compressor._latency_model().time_model(compressor.model,
+                                                           compressor.example_inputs)
+        return max(0.0, total - sum(self.cost(layer, None, metric) for layer in layers))
 
     def limit(self, layer: Layer, rank: Rank) -> Rank:
         """``rank`` after the rule's ``round_to`` / ``min_rank`` / ``max_rank``."""

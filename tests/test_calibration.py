@@ -423,3 +423,39 @@ def test_a_model_scope_latency_target_is_end_to_end_and_counts_the_rest_of_the_m
                                                                scope="model"))],
                                      exclude=["4"]),
                          data[0], calibration=data, latency=SizeLatency(rest=4000.0)).preview()
+
+
+@pytest.mark.parametrize("target, metric", [("flop_reduction", "flops"),
+                                            ("param_reduction", "params")])
+def test_a_model_scope_flop_or_param_target_is_the_whole_models(target, metric):
+    # Only layer "0" is matched; "2" and "4" keep their cost, so a 1.35x whole-model
+    # target asks much more than 1.35x of the matched layer.
+    model, data = anisotropic_model_and_data()
+    rule = {target: 1.35, "grid": 8, "min_fraction": 0.05}
+
+    def run(scope):
+        spec = Spec(rules=[Rule(match="linear", decomposition="svd",
+                                rank=RankRule("budget", scope=scope, **rule))], exclude=["2", "4"])
+        compressor = musco.Compressor(model, spec, data[0], calibration=data)
+        rows = [r for r in compressor.preview() if r.status == "planned"]
+        before = sum(getattr(r, f"{metric}_before") for r in rows)
+        after = sum(getattr(r, f"{metric}_after") for r in rows)
+        whole = (compressor.model_flops_before if metric == "flops"
+                 else compressor.model_params_before)
+        return before / after, whole / (whole - before + after), compressor
+
+    layers_ratio, whole_ratio, compressor = run("model")
+    assert whole_ratio >= 1.35 * (1 - 1e-9)
+    assert whole_ratio <= 1.35 * 1.1  # a hit, not an overshoot
+    assert layers_ratio > 1.35  # the matched layers do more than the whole model's 1.35x
+    only_layers_ratio, only_whole_ratio, _ = run("layers")
+    assert only_layers_ratio >= 1.35 * (1 - 1e-9)
+    assert only_whole_ratio < 1.35  # "layers" leaves the whole model short of the target
+    # and the whole model really ends there once compressed
+    while not compressor.done:
+        compressor.step()
+    report = compressor.report()
+    if metric == "flops":
+        assert report.model_flops_before / report.model_flops_after == pytest.approx(whole_ratio)
+    else:
+        assert report.model_params_before / report.model_params_after == pytest.approx(whole_ratio)

@@ -103,10 +103,11 @@ class BudgetParams:
     #: Whether a layer may stay as it is; ``false`` compresses every layer that can be
     #: made cheaper within the floor and the cap.
     allow_skip: Any = attrs.field(default=True, validator=_bool)
-    #: What a ``latency_reduction`` is measured on: ``"layers"`` (the summed time of the
-    #: layers the rule matches) or ``"model"`` (end to end: the rest of the model's time
-    #: counts too, so the rule's layers must do more). With several budget rules,
-    #: ``"model"`` treats the other rules' layers as part of the rest.
+    #: What the target is measured on: ``"layers"`` (the summed cost of the layers the
+    #: rule matches) or ``"model"`` (the whole model: the rest of the model's FLOPs,
+    #: parameters or time counts too, so the rule's layers must do more and
+    #: ``flop_reduction = 1.5`` means 1.5x fewer FLOPs for the whole model). With
+    #: several budget rules, ``"model"`` treats the other rules' layers as part of the rest.
     scope: Any = attrs.field(default="layers", validator=attrs.validators.in_(("layers", "model")))
     #: Calibration batches each damage measurement runs on (``None``: the engine's
     #: default, 2). More batches: a steadier signal, proportionally slower.
@@ -537,7 +538,7 @@ class Budget(RankSelector):
         metric = params.metric
         grids = [self._grid(layer, decomposition, params, metric, context) for layer in layers]
         before = sum(g.before for g in grids)
-        # scope = "model": a latency target is end to end, the rest of the model counts too.
+        # scope = "model": the target is the whole model's, the rest of the model counts too.
         rest = (float(context.rest_cost(metric, layers))
                 if params.scope == "model" and hasattr(context, "rest_cost") else 0.0)
         budget = ((before + rest) / value - rest) * (1 + 1e-12)
