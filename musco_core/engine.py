@@ -316,8 +316,9 @@ class Compressor:
                 reports[name] = report.layer
                 if new is not None:
                     built[name] = _Built(new, report.stats)
+            step_errors: dict[str, float] = {}
             if self.calibration is not None and built:
-                self._fit_on_data(built, reports)
+                step_errors = self._fit_on_data(built, reports)
             self._skip_if_not_faster(built, reports)
             entries = [self._manifest_entry(reports[name]) for name in built]
             replace_modules(self.model, {name: b.module for name, b in built.items()})
@@ -335,7 +336,8 @@ class Compressor:
         self.position += 1
         report = StepReport(step=index, layers=tuple(reports[name] for _, name in work),
                             seconds=time.perf_counter() - started,
-                            **self._model_totals(flops_before, self.model_flops_now))
+                            **self._model_totals(flops_before, self.model_flops_now),
+                            **step_errors)
         self.reports.append(report)
         self._call_finished_hook(index, report)
         if report.model_params_after > self.model_params_before:
@@ -454,24 +456,39 @@ class Compressor:
         assert self.original is not None
         return collect_layer_data(self.original, self.model, self.calibration, wanted)
 
-    def _fit_on_data(self, built: dict[str, _Built], reports: dict[str, LayerReport]) -> None:
+    def _fit_on_data(self, built: dict[str, _Built],
+                     reports: dict[str, LayerReport]) -> dict[str, float]:
         """Output errors on the calibration data, and local refinement if the spec asks for it.
 
-        Refinement never makes the reported output error worse: if it would, the
-        factors from before refinement are kept.
+        Refinement never makes what it trains for worse: the layers' summed output
+        error (``Refine(scope="layer")``) or the model's output error (``"model"``);
+        if it would, the factors from before refinement are kept. Returns the
+        model-level errors for the step report (only with ``scope = "model"``).
         """
-        from musco_core.refine import output_errors, refine
+        from musco_core.refine import model_output_error, output_errors, refine
 
         assert self.original is not None and self.calibration is not None
         modules = {name: b.module for name, b in built.items()}
+        options = self.spec.refine
         errors = output_errors(self.original, self.model, self.calibration, modules)
         refined_from: dict[str, float] = {}
-        if self.spec.refine.steps > 0:
+        step_errors: dict[str, float] = {}
+        if options.steps > 0:
+            model_scope = options.scope == "model"
+            if model_scope:
+                before = model_output_error(self.original, self.model, self.calibration, modules)
             saved = {n: copy.deepcopy(m.state_dict()) for n, m in modules.items()}
-            refine(self.original, self.model, self.calibration, modules, self.spec.refine,
+            refine(self.original, self.model, self.calibration, modules, options,
                    progress=self.progress)
             after = output_errors(self.original, self.model, self.calibration, modules)
-            if sum(after.values()) <= sum(errors.values()):
+            if model_scope:
+                now = model_output_error(self.original, self.model, self.calibration, modules)
+                better = now <= before
+                step_errors = ({"model_output_error": now, "model_refined_from": before}
+                               if better else {"model_output_error": before})
+            else:
+                better = sum(after.values()) <= sum(errors.values())
+            if better:
                 refined_from, errors = errors, after
             else:
                 for n, m in modules.items():
@@ -479,6 +496,7 @@ class Compressor:
         for name, error in errors.items():
             reports[name] = attrs.evolve(reports[name], output_error=error,
                                          refined_from=refined_from.get(name))
+        return step_errors
 
     def _skip_if_not_faster(self, built: dict[str, _Built],
                             reports: dict[str, LayerReport]) -> None:

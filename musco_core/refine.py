@@ -11,7 +11,7 @@ from torch import nn
 
 from musco_core.calibration import paired_pass
 from musco_core.spec import Refine
-from musco_core.stats import _first_tensor, eval_mode
+from musco_core.stats import _first_tensor, eval_mode, run_model
 
 
 def output_errors(original: nn.Module, current: nn.Module, data: Iterable[Any],
@@ -41,37 +41,48 @@ def output_errors(original: nn.Module, current: nn.Module, data: Iterable[Any],
 def refine(original: nn.Module, current: nn.Module, data: Iterable[Any],
            modules: Mapping[str, nn.Module], options: Refine, *,
            progress: bool = False) -> dict[str, float]:
-    """Train the new modules to reproduce the original layers' outputs; mutates ``modules``.
+    """Train the new modules to reproduce the original's outputs; mutates ``modules``.
 
-    Each optimizer step takes the next calibration batch (cycling), runs the
-    original model and ``current`` (where the old layers still are) side by side,
-    and minimises ``sum_layers |Y - new(X')|^2 / |Y|^2`` over the parameters of
-    ``modules`` only, with Adam at ``options.lr``; ``Y`` is the original layer's
-    output on the original inputs and ``X'`` what the layer gets in ``current``.
-    Stops after ``options.steps`` steps or ``options.seconds``, whichever comes
-    first. The global RNG is seeded with ``options.seed`` inside (and restored
-    after), so a run is deterministic for a seed. Returns ``{"steps": n,
-    "loss": last loss}``.
+    Each optimizer step takes the next calibration batch (cycling) and runs the
+    original model and ``current`` (where the old layers still are) on it. With
+    ``options.scope == "layer"`` it minimises ``sum_layers |Y - new(X')|^2 / |Y|^2``,
+    ``Y`` the original layer's output on the original inputs and ``X'`` what the
+    layer gets in ``current``. With ``"model"`` the new modules stand in for the old
+    ones in ``current`` (through forward hooks, removed after) and it minimises
+    ``|f(x) - f'(x)|^2 / |f(x)|^2``, ``f`` the original model and ``f'`` the current
+    one with the new modules, on the first tensor of the models' outputs. Only the
+    parameters of ``modules`` are trained (Adam at ``options.lr``); no other
+    parameter's ``.grad`` is touched. Stops after ``options.steps`` steps or
+    ``options.seconds``, whichever comes first. The global RNG is seeded with
+    ``options.seed`` inside (and restored after), so a run is deterministic for a
+    seed. Returns ``{"steps": n, "loss": last loss}``.
     """
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     if not params or options.steps == 0:
         return {"steps": 0, "loss": float("nan")}
+    if options.scope == "model":
+        loss_of = _model_loss(original, current, modules)
+    else:
+        def loss_of(batch):
+            pairs = _capture(original, current, batch, modules)
+            return sum(_relative_mse(modules[name], args, y_o) for name, args, y_o in pairs)
+
     optimizer = torch.optim.Adam(params, lr=options.lr)
     deadline = time.perf_counter() + options.seconds if options.seconds else None
     bar = _bar(options.steps, progress)
     done, loss_value = 0, float("nan")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _all_eval(modules):
         torch.manual_seed(options.seed)
         while done < options.steps:
             progressed = False
             for batch in data:
                 if done >= options.steps or (deadline and time.perf_counter() > deadline):
                     break
-                pairs = _capture(original, current, batch, modules)
-                optimizer.zero_grad(set_to_none=True)
                 with torch.enable_grad():
-                    loss = sum(_relative_mse(modules[name], args, y_o) for name, args, y_o in pairs)
-                    loss.backward()
+                    loss = loss_of(batch)
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
                 optimizer.step()
                 loss_value = float(loss.detach())
                 done += 1
@@ -81,9 +92,59 @@ def refine(original: nn.Module, current: nn.Module, data: Iterable[Any],
                     bar.set_postfix(loss=f"{loss_value:.4g}")
             if not progressed or (deadline and time.perf_counter() > deadline):
                 break
+    for p in params:
+        p.grad = None
     if bar is not None:
         bar.close()
     return {"steps": done, "loss": loss_value}
+
+
+def model_output_error(original: nn.Module, current: nn.Module, data: Iterable[Any],
+                       modules: Mapping[str, nn.Module]) -> float:
+    """Relative error of ``current``'s output, with ``modules`` standing in, against ``original``.
+
+    ``sqrt(sum |f(x) - f'(x)|^2 / sum |f(x)|^2)`` over the batches of ``data``, on
+    the first tensor of the outputs; both models in eval mode, nothing changed.
+    """
+    diff = total = 0.0
+    with torch.no_grad(), eval_mode(original), eval_mode(current), _all_eval(modules), \
+            _standing_in(current, modules):
+        for batch in data:
+            y_o = _first_tensor(run_model(original, batch)).double()
+            y = _first_tensor(run_model(current, batch)).double()
+            diff += float(torch.sum((y - y_o) ** 2))
+            total += float(torch.sum(y_o ** 2))
+    return (diff / total) ** 0.5 if total > 0 else diff ** 0.5
+
+
+def _model_loss(original, current, modules):
+    def loss_of(batch):
+        with torch.no_grad(), eval_mode(original):
+            y_o = _first_tensor(run_model(original, batch)).detach()
+        with eval_mode(current), _standing_in(current, modules):
+            y = _first_tensor(run_model(current, batch))
+        scale = torch.sum(y_o.float() ** 2).clamp_min(1e-30)
+        return torch.sum((y.float() - y_o.float()) ** 2) / scale
+    return loss_of
+
+
+class _standing_in:
+    """Context: each ``modules[name]`` answers in place of ``current``'s layer ``name``."""
+
+    def __init__(self, current: nn.Module, modules: Mapping[str, nn.Module]):
+        self.current, self.modules, self.handles = current, modules, []
+
+    def __enter__(self):
+        for name, new in self.modules.items():
+            def hook(_module, args, kwargs, _output, new=new):
+                return new(*args, **kwargs)
+            self.handles.append(self.current.get_submodule(name).register_forward_hook(
+                hook, with_kwargs=True))
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 def _capture(original, current, batch, modules) -> list[tuple[str, tuple, torch.Tensor]]:
@@ -126,3 +187,4 @@ def _bar(total: int, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="musco refine", unit="step", leave=False)
+

@@ -113,6 +113,10 @@ class StepReport:
     model_params_after: int = 0
     model_flops_before: int = 0
     model_flops_after: int = 0
+    #: Relative error of the model's output against the original's on the calibration
+    #: data after the step, and before refinement (measured with ``Refine(scope="model")``).
+    model_output_error: float | None = None
+    model_refined_from: float | None = None
 
     @property
     def compressed(self) -> tuple[LayerReport, ...]:
@@ -125,7 +129,8 @@ class StepReport:
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seconds": self.seconds,
                 "layers": [r.to_dict() for r in self.layers],
-                **{k: getattr(self, k) for k in _MODEL_KEYS}}
+                **{k: getattr(self, k) for k in _MODEL_KEYS},
+                **{k: getattr(self, k) for k in _ERROR_KEYS if getattr(self, k) is not None}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepReport:
@@ -137,7 +142,8 @@ class StepReport:
                 layer["rank"] = tuple(layer["rank"])
             layers.append(LayerReport(**layer))
         return cls(step=data["step"], layers=tuple(layers), seconds=data["seconds"],
-                   **{k: int(data.get(k, 0)) for k in _MODEL_KEYS})
+                   **{k: int(data.get(k, 0)) for k in _MODEL_KEYS},
+                   **{k: float(data[k]) for k in _ERROR_KEYS if data.get(k) is not None})
 
     def __str__(self) -> str:
         done = self.compressed
@@ -152,11 +158,16 @@ class StepReport:
         if self.model_params_before:
             head += "\n" + _model_line(self.model_params_before, self.model_params_after,
                                        self.model_flops_before, self.model_flops_after)
+        if self.model_output_error is not None:
+            head += f"\nmodel output error on the calibration data: {self.model_output_error:.4g}"
+            if self.model_refined_from is not None:
+                head += f" (before refinement: {self.model_refined_from:.4g})"
         return head + "\n" + format_table(self.layers)
 
 
 _MODEL_KEYS = ("model_params_before", "model_params_after", "model_flops_before",
                "model_flops_after")
+_ERROR_KEYS = ("model_output_error", "model_refined_from")
 
 
 def _model_line(params_before: int, params_after: int, flops_before: int, flops_after: int) -> str:

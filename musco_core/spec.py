@@ -239,7 +239,8 @@ class Refine:
     """Local refinement after each step, without labels (off while ``steps == 0``).
 
     The new factors of the step's layers are trained by Adam to reproduce the
-    *original* layers' outputs on the calibration inputs they see now, for at most
+    *original* layers' outputs on the calibration inputs they see now (``scope =
+    "layer"``) or the original model's output (``scope = "model"``), for at most
     ``steps`` optimizer steps or ``seconds`` of wall time, whichever comes first.
     """
 
@@ -252,6 +253,13 @@ class Refine:
     lr: float = attrs.field(default=1e-4, validator=_non_negative_number)
     #: Seed of the batch order, so a run is deterministic.
     seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
+    #: What the new factors are trained to reproduce: ``"layer"`` (each original
+    #: layer's output, from the inputs the layer sees now) or ``"model"`` (the original
+    #: model's output, with all of the step's new layers in place: each layer may then
+    #: move away from its own original output to undo what it and the layers after it
+    #: do to the model's output).
+    scope: str = attrs.field(default="layer",
+                             validator=attrs.validators.in_(("layer", "model")))
 
 
 def _str_tuple(value: Any) -> tuple[str, ...]:
@@ -654,6 +662,8 @@ def _format(exc: BaseException, type_: Any) -> str:
         return "; ".join(parts)
     if isinstance(exc, KeyError):
         return "required key missing"
+    if isinstance(exc, (ValueError, TypeError)) and exc.args and isinstance(exc.args[0], str):
+        return exc.args[0]  # attrs' own validators put the attribute and values in args[1:]
     if isinstance(exc, (ValueError, TypeError)) and str(exc):
         return str(exc)
     return cattrs.v.format_exception(exc, type_)

@@ -459,3 +459,56 @@ def test_a_model_scope_flop_or_param_target_is_the_whole_models(target, metric):
         assert report.model_flops_before / report.model_flops_after == pytest.approx(whole_ratio)
     else:
         assert report.model_params_before / report.model_params_after == pytest.approx(whole_ratio)
+
+
+def test_model_scope_refinement_lowers_the_models_output_error_more_than_layer_scope():
+    # Only the first layer is compressed. Its own output error is already at the best a
+    # rank-3 layer can do on its inputs (whitened SVD), so training it toward its own
+    # output gains little; training it toward the model's output (through the ReLU and the
+    # second layer) can trade layer error the model does not see for error it does.
+    model, data = anisotropic_model_and_data()
+
+    def run(refine_spec):
+        spec = Spec(rules=[Rule(match="linear", decomposition=musco.Decompose("svd", whiten=True),
+                                rank=RankRule("fixed", rank=3))], exclude=["2", "4"],
+                    refine=refine_spec)
+        compressor = musco.Compressor(model, spec, data[0], calibration=data)
+        report = compressor.step()
+        with torch.no_grad():
+            x = torch.cat(data)
+            y, y_new = model(x), compressor.model(x)
+        return report, float(torch.linalg.vector_norm(y - y_new) / torch.linalg.vector_norm(y))
+
+    _, unrefined = run(Refine())
+    _, layer_scope = run(Refine(steps=60, lr=1e-2, seed=3))
+    report, model_scope = run(Refine(steps=60, lr=1e-2, seed=3, scope="model"))
+    assert model_scope < 0.9 * min(unrefined, layer_scope)
+    # the step report gives the model's output error before and after refinement
+    assert report.model_refined_from == pytest.approx(unrefined, rel=1e-4)
+    assert report.model_output_error == pytest.approx(model_scope, rel=1e-4)
+    assert f"model output error on the calibration data: {model_scope:.4g}" in str(report)
+    assert musco.StepReport.from_dict(report.to_dict()) == report
+    # deterministic for a seed
+    again, again_error = run(Refine(steps=60, lr=1e-2, seed=3, scope="model"))
+    assert again_error == model_scope
+
+
+def test_model_scope_refinement_trains_only_the_new_factors_and_keeps_grads_clean():
+    from musco_core.refine import refine
+
+    model, original = two_linear(), two_linear()
+    data = batches(2)
+    new = SVD().compress(model[0], 2, None)[0]
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    before_new = {k: v.clone() for k, v in new.state_dict().items()}
+    result = refine(original, model, data, {"0": new}, Refine(steps=4, lr=1e-2, scope="model"))
+    assert result["steps"] == 4
+    assert all(torch.equal(before_model[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())  # no stray gradients
+    assert all(p.grad is None for p in new.parameters())
+    assert any(not torch.equal(before_new[k], v) for k, v in new.state_dict().items())
+    assert not model[0]._forward_hooks  # the stand-in hooks are gone
+    with pytest.raises(musco.SpecError) as caught:
+        Spec.from_dict({"rules": [{"match": "linear", "decomposition": "svd", "rank": "vbmf"}],
+                        "refine": {"scope": "block"}})
+    assert str(caught.value) == "'scope' must be in ('layer', 'model') (got 'block') @ $.refine"
