@@ -35,13 +35,13 @@ def _read(out: Path, name: str) -> tuple[dict, str]:
 
 def test_mobile_benchmark_smoke(bench, tmp_path):
     mobile = bench("mobile_fashion_mnist")
-    mobile.main(["--smoke", "--synthetic", "--threads", "1", "--variants", "0,2,4,5",
+    mobile.main(["--smoke", "--synthetic", "--threads", "1", "--variants", "0,2,5,7",
                  "--out", str(tmp_path)])
     data, md = _read(tmp_path, "mobile")
     assert data == json.loads(json.dumps(data))
     assert [r["variant"] for r in data["rows"]] == [
-        "original", "plain", "whitened", "whitened, sequential + refine",
-        "budget, whitened, sequential + refine"]
+        "original", "plain", "whitened", "whitened, sequential + model refine",
+        "budget, whitened, sequential + model refine"]
     for row in data["rows"][1:]:
         assert set(mobile.COLUMNS) <= set(row)
         assert row["FLOPs x"] > 1.3 and row["params x"] > 1
@@ -50,6 +50,7 @@ def test_mobile_benchmark_smoke(bench, tmp_path):
     plain, whitened, refined, budget = data["rows"][1:]
     assert plain["stats s"] == 0 and whitened["stats s"] > 0  # plain SVD collects nothing
     assert 0 <= whitened["mean output error"] and refined["refine s"] > 0
+    assert budget["FLOPs x"] >= 1.5 * 0.99  # scope = "model": the whole model's 1.5x
     assert [v["variant"] for v in data["verdicts"]] == [r["variant"] for r in data["rows"][1:]]
     assert "## Targets" in md and "| whitened |" in md
     assert len(data["meta"]["layers"]["whitened"]) == 11  # one report per 1x1 conv

@@ -14,9 +14,13 @@ needs 1.5x fewer FLOPs, without any fine-tuning, in these variants:
   calibration inputs), every layer in one step;
 * ``whitened, sequential``: the same one layer per step, so that each layer is fitted to
   the *original* output from the inputs it sees in the partly compressed model;
-* ``whitened, sequential + refine``: plus local refinement;
-* ``budget, whitened, sequential + refine``: ranks by the ``budget`` rule (model-level FLOP
-  target, allocated by measured damage) instead of one rate for all layers.
+* ``whitened, sequential + refine``: plus local refinement toward each layer's original
+  output (``Refine(scope="layer")``);
+* ``whitened, sequential + model refine``: plus local refinement toward the original
+  *model's* output (``Refine(scope="model")``);
+* ``budget, ...``: the same two, with ranks by the ``budget`` rule (``flop_reduction = 1.5``
+  with ``scope = "model"``: the whole model's FLOPs, allocated by measured damage) instead of
+  one rate for all layers.
 
 Calibration: ``--calib`` (512) *unlabeled* training images; local refinement gets
 ``--refine-seconds`` (120) of wall time in all, split evenly over the steps. Accuracy on
@@ -45,14 +49,17 @@ import musco_core as musco  # noqa: E402
 #: Model-level FLOP reduction asked of every variant.
 TARGET = 1.5
 
-#: name -> (whiten, layers_per_step (0: all in one step), refine, rank rule "uniform"/"budget")
+#: name -> (whiten, layers_per_step (0: all in one step), refine scope ("" for none),
+#: rank rule "uniform"/"budget")
 VARIANTS = OrderedDict([
-    ("plain", (False, 0, False, "uniform")),
-    ("plain + refine", (False, 0, True, "uniform")),
-    ("whitened", (True, 0, False, "uniform")),
-    ("whitened, sequential", (True, 1, False, "uniform")),
-    ("whitened, sequential + refine", (True, 1, True, "uniform")),
-    ("budget, whitened, sequential + refine", (True, 1, True, "budget")),
+    ("plain", (False, 0, "", "uniform")),
+    ("plain + refine", (False, 0, "layer", "uniform")),
+    ("whitened", (True, 0, "", "uniform")),
+    ("whitened, sequential", (True, 1, "", "uniform")),
+    ("whitened, sequential + refine", (True, 1, "layer", "uniform")),
+    ("whitened, sequential + model refine", (True, 1, "model", "uniform")),
+    ("budget, whitened, sequential + refine", (True, 1, "layer", "budget")),
+    ("budget, whitened, sequential + model refine", (True, 1, "model", "budget")),
 ])
 
 COLUMNS = ["variant", "FLOPs", "FLOPs x", "params", "params x", "acc", "delta",
@@ -203,12 +210,14 @@ def spec_for(variant, *, layer_rate: float, layers: int, refine_seconds: float,
     whiten, per_step, refine, rule = VARIANTS[variant]
     steps = layers if per_step == 0 else -(-layers // per_step)
     decomposition = musco.Decompose("svd", whiten=True) if whiten else "svd"
+    # budget: the model-level target itself (scope = "model": the whole model's FLOPs)
     rank = (musco.RankRule("flop_reduction", rate=layer_rate) if rule == "uniform"
-            else musco.RankRule("budget", flop_reduction=layer_rate, grid=budget_grid))
+            else musco.RankRule("budget", flop_reduction=TARGET, scope="model",
+                                grid=budget_grid))
     kw = {}
     if refine:
         kw["refine"] = musco.Refine(steps=1_000_000, seconds=refine_seconds / steps,
-                                    lr=refine_lr, seed=0)
+                                    lr=refine_lr, seed=0, scope=refine)
     return musco.Spec(rules=[musco.Rule(match="conv1x1", decomposition=decomposition,
                                         rank=rank)],
                       layers_per_step=per_step or 10_000, **kw), steps
@@ -407,10 +416,12 @@ def main(argv=None) -> dict:
             f"{args.batch} (Adam, one-cycle lr {args.train_lr}). Every variant factorizes the 1x1 "
             f"convs by `svd` for {TARGET}x fewer FLOPs of the whole model (uniform variants: "
             f"`flop_reduction` rate {layer_rate:.3f} on each 1x1 conv; budget: `flop_reduction = "
-            f"{layer_rate:.3f}` over them together), **no fine-tuning, no labels**. Calibration: "
+            f"{TARGET}, scope = \"model\"` over them together), **no fine-tuning, no labels**. Calibration: "
             f"{len(pick)} unlabeled training images in batches of {args.calib_batch}; local "
             f"refinement: {args.refine_seconds:g} s of wall time per variant in all (Adam, lr "
-            f"{args.refine_lr:g}), split evenly over its steps. 'mean output error': mean over the "
+            f"{args.refine_lr:g}), split evenly over its steps; 'refine' trains each layer toward "
+            "its original output, 'model refine' (`Refine(scope=\"model\")`) toward the original "
+            "model's output. 'mean output error': mean over the "
             "compressed layers of the relative output error the engine reports on the calibration "
             "data. 'stats s': time in the engine's statistics collection (Gram matrices; the "
             "budget's damage measurements are not included); peak memory of that collection is in "
