@@ -13,7 +13,10 @@ fewer encoder-Linear FLOPs, in these variants (each a fresh copy of the model):
   see in the partly compressed model (error correction);
 * ``+ budget``: ranks by the ``budget`` rule (``flop_reduction`` over the 36 layers
   together, allocated by measured damage to the encoder's output) instead of one rate;
-* ``+ refine``: plus local refinement (``Spec.refine``) of each step's new factors.
+* ``+ refine``: plus local refinement (``Spec.refine``) of each step's new factors toward
+  each layer's original output;
+* ``+ model refine``: the same toward the original encoder's output
+  (``Refine(scope="model")``).
 
 Calibration text: *in-domain* — windows of 128 tokens cut from gensim's
 ``lee_background.cor`` (300 news documents from the same source as the 50 evaluation
@@ -54,13 +57,14 @@ from mobile_fashion_mnist import StatsTimer  # noqa: E402
 import musco_core as musco  # noqa: E402
 
 RATES = (1.25, 1.5, 2.0)
-#: name -> (whiten, sequential, rank rule, refine)
+#: name -> (whiten, sequential, rank rule, refine scope: "" none, "layer", "model")
 VARIANTS = {
-    "plain": (False, False, "uniform", False),
-    "whitened": (True, False, "uniform", False),
-    "whitened, sequential": (True, True, "uniform", False),
-    "+ budget": (True, True, "budget", False),
-    "+ refine": (True, True, "budget", True),
+    "plain": (False, False, "uniform", ""),
+    "whitened": (True, False, "uniform", ""),
+    "whitened, sequential": (True, True, "uniform", ""),
+    "+ budget": (True, True, "budget", ""),
+    "+ refine": (True, True, "budget", "layer"),
+    "+ model refine": (True, True, "budget", "model"),
 }
 COLUMNS = ["calibration", "rate", "variant", "linear FLOPs x", "Lee pearson", "% of original",
            "Lee spearman", "cos to original", "mean output error", "stats s", "compress s"]
@@ -141,7 +145,7 @@ def spec_for(variant: str, rate: float, *, per_step: int, refine_seconds: float,
     kw = {}
     if refine:
         kw["refine"] = musco.Refine(steps=1_000_000, seconds=refine_seconds, lr=refine_lr,
-                                    seed=0)
+                                    seed=0, scope=refine)
     if max_batches:
         kw["calibration"] = musco.Calibration(max_batches=max_batches)
     return musco.Spec(rules=[musco.Rule(match="linear", decomposition=decomposition, rank=rank)],
