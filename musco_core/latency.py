@@ -126,6 +126,10 @@ class LatencyModel:
     :param min_run_time: seconds :meth:`torch.utils.benchmark.Timer.blocked_autorange`
         spends per measurement.
     :param warmup: untimed calls before a measurement (oneDNN / cuDNN pick kernels then).
+    :param batch: time at this batch size instead of the one in the shapes and example
+        inputs given (the first dimension of a layer's input shape; for
+        :meth:`time_model`, the first dimension of every input tensor that has the
+        example's batch size, rows repeated). ``None``: as given.
 
     ``hits`` and ``misses`` count cache lookups; ``cache`` is the ``{key: seconds}`` dict.
     """
@@ -134,12 +138,15 @@ class LatencyModel:
                  memory_format: torch.memory_format = torch.contiguous_format,
                  threads: int | None = None, timer: Timer | None = None,
                  cache: dict[str, float] | None = None, min_run_time: float = 0.05,
-                 warmup: int = 2) -> None:
+                 warmup: int = 2, batch: int | None = None) -> None:
         if memory_format not in _FORMAT_NAMES:
             raise ValueError(f"unknown memory format {memory_format!r}; valid: "
                              f"{', '.join('torch.' + n for n in _FORMAT_NAMES.values())}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
+                                  or batch < 1):
+            raise ValueError(f"batch must be an int >= 1 or None, got {batch!r}")
         if min_run_time <= 0 or warmup < 0:
             raise ValueError(f"need min_run_time > 0 and warmup >= 0, got {min_run_time!r} "
                              f"and {warmup!r}")
@@ -149,6 +156,7 @@ class LatencyModel:
         self.threads = threads
         self.min_run_time = min_run_time
         self.warmup = warmup
+        self.batch = batch
         self.cache: dict[str, float] = dict(cache or {})
         self._timer = timer
         self.hits = self.misses = 0
@@ -160,10 +168,16 @@ class LatencyModel:
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
 
+    def _shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        shape = tuple(int(s) for s in input_shape)
+        if self.batch is not None and shape:
+            shape = (self.batch, *shape[1:])
+        return shape
+
     def key(self, module: nn.Module, input_shape: Sequence[int]) -> str:
         """The cache key of ``module`` timed on inputs of ``input_shape`` (see the module doc)."""
         device, dtype = self._target(module)
-        shape = "x".join(str(int(s)) for s in input_shape)
+        shape = "x".join(str(s) for s in self._shape(input_shape))
         return (f"{type(module).__name__}:{_digest(module)}|in={shape}|{_device_name(device)}|"
                 f"{str(dtype).removeprefix('torch.')}|{_FORMAT_NAMES[self.memory_format]}|"
                 f"threads={self._threads()}")
@@ -178,18 +192,36 @@ class LatencyModel:
             self.hits += 1
             return self.cache[key]
         self.misses += 1
-        seconds = self._measure(module, tuple(int(s) for s in input_shape))
+        seconds = self._measure(module, self._shape(input_shape))
         self.cache[key] = seconds
         return seconds
+
+    def retime(self, module: nn.Module, input_shape: Sequence[int], repeats: int = 2) -> float:
+        """Measure ``module`` ``repeats`` more times; the cached value becomes the median.
+
+        For decisions near a margin (``min_speedup``), where one measurement is
+        noisier than the margin. The median is over the cached measurement (if any)
+        and the new ones.
+        """
+        key = self.key(module, input_shape)
+        values = [self.cache[key]] if key in self.cache else []
+        values += [self._measure(module, self._shape(input_shape)) for _ in range(repeats)]
+        self.cache[key] = float(sorted(values)[len(values) // 2]) if len(values) % 2 else \
+            float(sum(sorted(values)[len(values) // 2 - 1:len(values) // 2 + 1]) / 2)
+        return self.cache[key]
 
     def time_model(self, model: nn.Module, example_inputs: Any) -> float:
         """Median seconds of one forward pass of a whole model on ``example_inputs``.
 
         ``example_inputs`` is what the model takes (a tensor, a tuple of positional
-        arguments or a dict of keywords), used as it is; not cached. Used for
-        model-level latency targets, where the layers left as they are count too.
+        arguments or a dict of keywords), used as it is (re-batched to ``batch`` when
+        the model has one); not cached. Used for model-level latency targets, where the
+        layers left as they are count too.
         """
         from musco_core.stats import run_model
+
+        if self.batch is not None:
+            example_inputs = rebatch(example_inputs, self.batch)
 
         class _Whole(nn.Module):
             def forward(self, _unused):
@@ -262,6 +294,32 @@ class LatencyModel:
         entries = {str(k): float(v) for k, v in data["entries"].items()}
         cache = {**entries, **kwargs.pop("cache", {})}
         return cls(cache=cache, **kwargs)
+
+
+def rebatch(example_inputs: Any, batch: int) -> Any:
+    """``example_inputs`` with every tensor of the example's batch size at ``batch`` rows.
+
+    The batch size is the first dimension of the first tensor found; tensors with that
+    first dimension get their rows repeated cyclically (``x[arange(batch) % n]``),
+    everything else is kept as it is.
+    """
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    tensors = [t for t in tree_leaves(example_inputs)
+               if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not tensors:
+        return example_inputs
+    n = tensors[0].shape[0]
+    if n == batch:
+        return example_inputs
+    index = torch.arange(batch) % n
+
+    def one(t):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n:
+            return t[index.to(t.device)]
+        return t
+
+    return tree_map(one, example_inputs)
 
 
 # -- candidate ranks and speed-aware rounding ---------------------------------------------

@@ -190,3 +190,69 @@ def test_latency_doc_code_blocks_run(one_thread):
     for kind, code in re.findall(r"```(\w+)\n(.*?)```", page.read_text(), re.S):
         if kind == "python":
             exec(compile(code, str(page), "exec"), namespace)
+
+
+def test_batch_times_every_layer_and_the_model_at_that_batch():
+    timer = FakeTimer()
+    model = LatencyModel(timer=timer, warmup=0, batch=16)
+    conv = nn.Conv2d(3, 8, 3)
+    model.time_module(conv, (2, 3, 16, 16))
+    assert timer.calls == [("Conv2d", (16, 3, 16, 16), torch.float32, False)]
+    assert "|in=16x3x16x16|" in model.key(conv, (2, 3, 16, 16))
+    seen = []
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, mask, scale):
+            seen.append((tuple(x.shape), tuple(mask.shape), tuple(scale.shape)))
+            return x * mask
+
+    x, mask = torch.arange(6.0).reshape(3, 2), torch.ones(3, 2)
+    LatencyModel(timer=timer, warmup=1, batch=16).time_model(TwoInputs(),
+                                                             (x, mask, torch.ones(2)))
+    assert seen == [((16, 2), (16, 2), (2,))]  # the batch dim repeated; the (2,) tensor kept
+    from musco_core.latency import rebatch
+
+    out = rebatch({"x": x}, 5)["x"]
+    assert torch.equal(out, x[[0, 1, 2, 0, 1]])
+    with pytest.raises(ValueError, match=r"batch must be an int >= 1 or None, got 0"):
+        LatencyModel(batch=0)
+
+
+class SequenceTimer:
+    """Returns the next of ``values`` for each measurement of a module with that many params."""
+
+    def __init__(self, values):
+        self.values = {k: list(v) for k, v in values.items()}
+
+    def __call__(self, module, x):
+        return self.values[sum(p.numel() for p in module.parameters())].pop(0)
+
+
+def test_min_speedup_near_the_margin_is_decided_on_the_median_of_three():
+    from musco_std.svd import SVD
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 32)).eval()
+    new_params = sum(p.numel() for p in SVD().compress(net[0], 4, None)[0].parameters())
+    old_params = sum(p.numel() for p in net.parameters())
+    spec = musco.Spec(rules=[musco.Rule(match="linear", decomposition="svd",
+                                        rank=musco.RankRule("fixed", rank=4),
+                                        min_speedup=1.05)])
+
+    def run(old_times, new_times):
+        timer = SequenceTimer({old_params: old_times, new_params: new_times})
+        latency = LatencyModel(timer=timer, warmup=0)
+        report = musco.Compressor(net, spec, torch.randn(2, 32), latency=latency).step()
+        return report.layers[0], timer
+
+    # first measurement 1.10x (looks fine) but the two re-timings say 0.9x: skipped
+    layer, timer = run([1.10, 1.0, 1.0], [1.0, 1.2, 1.1])
+    assert layer.status == "skipped" and (layer.time_before, layer.time_after) == (1.0, 1.1)
+    assert timer.values == {old_params: [], new_params: []}  # three measurements each
+    # first measurement 1.02x (looks slower) but the re-timings agree on 1.2x: kept
+    layer, _ = run([1.02, 1.2, 1.2], [1.0, 1.0, 1.0])
+    assert layer.status == "compressed" and layer.time_before / layer.time_after == 1.2
+    # far from the margin: one measurement decides
+    layer, timer = run([3.0, 9.9], [1.0, 9.9])
+    assert layer.status == "compressed" and timer.values == {old_params: [9.9],
+                                                              new_params: [9.9]}
