@@ -589,6 +589,12 @@ class Compressor:
                 rank = select_rank(rule, Layer(name, module, stats, rnd, data))
         except Exception as exc:
             raise _failure(name, rnd, f"{rank_label} failed", exc, rank_label) from exc
+        if rank is not None and rule.round_by_speed is not None:
+            try:
+                rank, timing = self._round_by_speed(rule, module, stats, rank, data)
+            except Exception as exc:
+                raise _failure(name, rnd, "round_by_speed failed", exc, rank_label) from exc
+            base.update(timing)
         choice = _Choice(rule, module, stats, base, rank)
         unchanged = {"params_after": stats.params, "flops_after": stats.flops, **base}
         if rank is None:
@@ -606,6 +612,44 @@ class Compressor:
                 reason=f"rank {rank} would not shrink it ({params_after} >= {stats.params} params)",
                 **unchanged)
         return choice
+
+    def _round_by_speed(self, rule, module: nn.Module, stats: LayerStats, rank: Any,
+                        data: LayerData | None) -> tuple[Any, dict[str, float]]:
+        """``rule.round_by_speed``: the rank near ``rank`` with the best speedup per truncation error.
+
+        The error of a rank is the discarded share of the energy of the layer's rank
+        matrices (``data_rank_matrices`` with calibration statistics, else
+        ``rank_matrices``), summed over the rank's components.
+        """
+        from musco_core.latency import fastest_rank_near
+
+        decomposition, params = rule.decomposition.strategy, rule.decomposition.params
+        if data is not None:
+            matrices = decomposition.data_rank_matrices(module, data, params)
+        else:
+            matrices = decomposition.rank_matrices(module)
+        energies = []
+        for m in matrices:
+            s2 = torch.linalg.svdvals(m.detach().double()) ** 2
+            energies.append(torch.cumsum(s2, 0) / s2.sum().clamp_min(1e-300))
+
+        def cost(r: Any) -> float:
+            parts = (r,) if isinstance(r, int) else tuple(r)
+            total = 0.0
+            for k, e in zip(parts, energies):
+                total += float(1.0 - e[min(k, len(e)) - 1]) if k >= 1 else 1.0
+            return max(total, 0.0)
+
+        full = decomposition.full_rank(module)
+        chosen = fastest_rank_near(decomposition, module, stats, rank, self._latency_model(),
+                                   cost, params=params, multiple=rule.round_by_speed)
+        best = rule.rank.limits.apply(chosen.rank, full)  # min_rank / max_rank still hold
+        if best != chosen.rank:  # clamped: time what will be built
+            t_new = self._latency_model().time_module(
+                decomposition.skeleton(module, best, params), stats.input_shape)
+        else:
+            t_new = next(c.seconds for c in chosen.candidates if c.rank == best)
+        return best, {"time_before": chosen.original_seconds, "time_after": t_new}
 
     def _compress_layer(self, rnd: int, name: str,
                         data: LayerData | None) -> tuple[nn.Module | None, _Compressed]:

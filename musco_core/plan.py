@@ -42,6 +42,8 @@ class ResolvedRule:
     unsupported: str = "skip"
     #: ``Rule.min_speedup`` (``None``: off).
     min_speedup: float | None = None
+    #: ``Rule.round_by_speed`` (``None``: off).
+    round_by_speed: int | None = None
 
     def applies_to(self, rnd: int) -> bool:
         return not self.rounds or rnd in self.rounds
@@ -107,9 +109,17 @@ def resolve_rules(spec: Spec, registry: Registry | None = None) -> tuple[Resolve
                 problems.append(
                     f"round {r} is after the last round (rounds = {spec.rounds}) @ {base}.rounds"
                 )
+        if rule.round_by_speed is not None and rank:
+            if rank.limits.round_to is not None:
+                problems.append(f"give 'round_to' or 'round_by_speed', not both @ {base}")
+            elif rank.strategy.joint:
+                problems.append(f"'round_by_speed' does not apply to the joint rank rule "
+                                f"{rule.rank.name!r} (it chooses ranks for its target "
+                                f"together) @ {base}.round_by_speed")
         if decomposition and rank and all(m is not None for m in matchers):
             resolved.append(ResolvedRule(i, tuple(matchers), decomposition, rank, rule.rounds,
-                                         rule.unsupported, rule.min_speedup))
+                                         rule.unsupported, rule.min_speedup,
+                                         rule.round_by_speed))
     if problems:
         raise SpecError(problems)
     return tuple(resolved)

@@ -202,6 +202,15 @@ class Rule:
         default=None, converter=_int_to_float,
         validator=attrs.validators.optional(
             [attrs.validators.instance_of(float), attrs.validators.gt(0.0)]))
+    #: Round the chosen rank by measured speed instead of always down: among the
+    #: multiples of this number just below and above the rank, and the rank itself,
+    #: take the one with the best measured speedup per unit of truncation error (the
+    #: discarded share of the layer's spectrum, whitened with calibration data); see
+    #: ``musco_core.latency.fastest_rank_near``. It may round *up*, so a reduction
+    #: target can be missed by a little; not with ``round_to``, not for joint rules.
+    round_by_speed: int | None = attrs.field(default=None,
+                                             validator=lambda i, a, v: _optional_positive_int(
+                                                 i, a, v))
 
 
 def _optional_positive_int(instance, attribute, value) -> None:
@@ -621,6 +630,8 @@ def _unstructure_rule(rule: Rule) -> dict[str, Any]:
         data["unsupported"] = rule.unsupported
     if rule.min_speedup is not None:
         data["min_speedup"] = rule.min_speedup
+    if rule.round_by_speed is not None:
+        data["round_by_speed"] = rule.round_by_speed
     return data
 
 

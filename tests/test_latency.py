@@ -256,3 +256,65 @@ def test_min_speedup_near_the_margin_is_decided_on_the_median_of_three():
     layer, timer = run([3.0, 9.9], [1.0, 9.9])
     assert layer.status == "compressed" and timer.values == {old_params: [9.9],
                                                               new_params: [9.9]}
+
+
+def test_round_by_speed_in_a_rule_rounds_to_the_fast_rank_and_reports_the_timing():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64))
+    v, _ = torch.linalg.qr(torch.randn(64, 64))
+
+    def net_with(spectrum):
+        layer = nn.Linear(64, 64, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(u @ torch.diag(spectrum) @ v.T)
+        return nn.Sequential(layer).eval()
+
+    # 24 strong directions, then noise: rank 24 costs almost nothing, 16 a third
+    net = net_with(torch.cat([torch.ones(24), torch.full((40,), 0.01)]))
+
+    def table(module):  # ranks that are multiples of 8 run twice as fast
+        if isinstance(module, nn.Linear):
+            return 1.0
+        rank = module.rank
+        return rank * 0.01 * (2.0 if rank % 8 else 1.0)
+
+    def run(net=net, **rule):
+        spec = musco.Spec(rules=[musco.Rule(match="linear", decomposition="svd",
+                                            rank=musco.RankRule("fixed", rank=21), **rule)])
+        latency = LatencyModel(timer=FakeTimer(table), warmup=0)
+        compressor = musco.Compressor(net, spec, torch.randn(2, 64), latency=latency)
+        preview = compressor.preview()[0]
+        return preview, compressor.step().layers[0]
+
+    _, plain = run()
+    assert plain.rank == 21 and plain.time_before is None
+    preview, rounded = run(round_by_speed=8)
+    # speedups: 16 -> 6.25x, 21 -> 2.4x, 24 -> 4.2x; discarded energy: 16 -> 1/3, 24 -> ~0
+    assert preview.rank == rounded.rank == 24  # rounds *up*: speed and accuracy both gain
+    assert (rounded.time_before, rounded.time_after) == (1.0, pytest.approx(0.24))
+    # a flat spectrum: 16 discards 75% of the energy, 24 62.5%; 16 is 1.5x faster: down
+    _, flat = run(net_with(torch.ones(64)), round_by_speed=8)
+    assert flat.rank == 16 and flat.time_after == pytest.approx(0.16)
+    # min_rank still holds after the rounding, and the clamped rank is what gets timed
+    spec = musco.Spec(rules=[musco.Rule(match="linear", decomposition="svd",
+                                        rank=musco.RankRule("fixed", rank=21, min_rank=20),
+                                        round_by_speed=8)])
+    clamped = musco.Compressor(net_with(torch.ones(64)), spec, torch.randn(2, 64),
+                               latency=LatencyModel(timer=FakeTimer(table), warmup=0)).step()
+    assert clamped.layers[0].rank == 20
+    assert clamped.layers[0].time_after == pytest.approx(0.40)
+
+    with pytest.raises(musco.SpecError, match=r"give 'round_to' or 'round_by_speed', not both"):
+        musco.Compressor(net, musco.Spec(rules=[musco.Rule(
+            match="linear", decomposition="svd",
+            rank=musco.RankRule("fixed", rank=21, round_to=8), round_by_speed=8)]),
+            torch.randn(2, 64))
+    with pytest.raises(musco.SpecError, match=r"'round_by_speed' does not apply to the joint"):
+        musco.Compressor(net, musco.Spec(rules=[musco.Rule(
+            match="linear", decomposition="svd",
+            rank=musco.RankRule("budget", flop_reduction=2.0), round_by_speed=8)]),
+            torch.randn(2, 64))
+    spec = musco.Spec.from_dict({"rules": [{"match": "linear", "decomposition": "svd",
+                                            "rank": "vbmf", "round_by_speed": 16}]})
+    assert spec.rules[0].round_by_speed == 16
+    assert musco.Spec.from_dict(spec.to_dict()) == spec

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from musco_core import Spec, SpecError
 
 KEYS = ["rules", "exclude", "layers_per_step", "rounds", "calibration", "refine", "match",
-        "decomposition", "rank", "unsupported", "min_speedup", "name", "rate", "ranks",
+        "decomposition", "rank", "unsupported", "min_speedup", "round_by_speed", "name", "rate", "ranks",
         "pattern", "class_name", "max_batches", "max_samples", "steps", "seconds", "lr", "seed"]
 NAMES = ["linear", "conv1x1", "conv_kxk", "glob", "type", "svd", "tucker2", "cp3", "fixed",
          "param_reduction", "vbmf", "skip", "error"]
