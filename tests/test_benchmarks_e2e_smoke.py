@@ -39,14 +39,15 @@ def _read(out: Path, name: str) -> tuple[dict, str]:
 
 def test_cnn_benchmark_smoke(bench, tmp_path):
     result = bench("cnn_fashion_mnist").main(
-        ["--smoke", "--synthetic", "--threads", "1", "--configs", "0,3", "--out", str(tmp_path)])
+        ["--smoke", "--synthetic", "--threads", "1", "--configs", "0,4", "--out", str(tmp_path)])
     data, md = _read(tmp_path, "cnn")
     assert data == json.loads(json.dumps(data))
     schemes = [(r["conv"], r["rank rule"], r["scheme"]) for r in data["rows"]]
     assert schemes == [("-", "-", "original"),
                        ("tucker2", "param_reduction", "one-shot"),
                        ("tucker2", "param_reduction", "multi-stage"),
-                       ("cp3", "vbmf", "one-shot"), ("cp3", "vbmf", "multi-stage")]
+                       ("tucker2 whitened", "param_reduction", "one-shot"),
+                       ("tucker2 whitened", "param_reduction", "multi-stage")]
     for row in data["rows"][1:]:
         assert row["FLOPs x"] > 1 and row["params x"] > 1
         assert 0 <= row["acc after FT"] <= 100
