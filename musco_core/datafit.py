@@ -49,7 +49,9 @@ for classification and detection", IEEE TPAMI 38(10) (2016), arXiv:1505.06798
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -258,10 +260,46 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
     _check_gram(gram)
     w = _as_f64(weight, gram.shape[0])
     _check_rank(rank, w)
-    b, s_inv = _whitener(gram, cross, damping, w.device)
-    u, s, vh = torch.linalg.svd(w @ b, full_matrices=False)
+    u, s, vh, s_inv = _whitened_factors(weight, w, gram, cross, damping)
     root = s[:rank].sqrt()
     return (root[:, None] * vh[:rank]) @ s_inv, u[:, :rank] * root[None, :]
+
+
+#: Inside :func:`reusing`: the last whitened SVD, ``[key, tensors the key names, (U, s,
+#: Vh, S^-1)]``; ``None`` outside (nothing kept).
+_LAST: list[Any] | None = None
+
+
+@contextmanager
+def reusing() -> Iterator[None]:
+    """Within the block, fits of the same weight and statistics at several ranks share one SVD.
+
+    The ``budget`` rule fits one layer at a grid of ranks in a row; the whitened SVD
+    does not depend on the rank. The entry is dropped when the block ends, so no
+    statistics outlive it. The key names the tensors (storage, shape, dtype, device
+    and in-place version), which are held while the entry lives.
+    """
+    global _LAST
+    previous, _LAST = _LAST, []
+    try:
+        yield
+    finally:
+        _LAST = previous
+
+
+def _whitened_factors(weight, w, gram, cross, damping):
+    def ident(t):
+        return None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device,
+                                       t._version)
+
+    key = (ident(weight), ident(gram), ident(cross), float(damping))
+    if _LAST and _LAST[0] == key:
+        return _LAST[2]
+    b, s_inv = _whitener(gram, cross, damping, w.device)
+    u, s, vh = torch.linalg.svd(w @ b, full_matrices=False)
+    if _LAST is not None:
+        _LAST[:] = [key, (weight, gram, cross), (u, s, vh, s_inv)]
+    return u, s, vh, s_inv
 
 
 def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, *,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from musco_core import datafit
 from musco_core.calibration import collect_layer_data
 from musco_core.stats import _first_tensor, eval_mode, param_count, run_model
 from musco_core.strategies import Layer, Rank
@@ -116,15 +117,16 @@ class JointContext:
                                       [b for b, _ in reference],
                                       {layer.name: (layer.module, decomposition)})[layer.name]
         out = []
-        for rank in ranks:
-            if rank is None:
-                out.append(0.0)
-                continue
-            if data is not None:
-                new, _ = decomposition.compress(layer.module, rank, params, data=data)
-            else:
-                new, _ = decomposition.compress(layer.module, rank, params)
-            out.append(self._measure(layer.module, new, reference))
+        with datafit.reusing():  # one whitened SVD for all the ranks of this layer
+            for rank in ranks:
+                if rank is None:
+                    out.append(0.0)
+                    continue
+                if data is not None:
+                    new, _ = decomposition.compress(layer.module, rank, params, data=data)
+                else:
+                    new, _ = decomposition.compress(layer.module, rank, params)
+                out.append(self._measure(layer.module, new, reference))
         return out
 
     def progress(self, iterable: Iterable[Any], desc: str | None = None,

@@ -419,3 +419,34 @@ def test_anisotropic_inputs_have_the_planted_condition():
     evals = torch.linalg.eigvalsh(x.T @ x / x.shape[0])
     assert float(evals[-1] / evals[0]) == pytest.approx(100.0, rel=0.15)
     assert torch.equal(x, anisotropic_inputs(20000, 5, seed=0, condition=100.0))
+
+
+def test_reusing_shares_one_whitened_svd_across_ranks_and_keeps_nothing_after(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 10, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    calls = []
+    real_svd = torch.linalg.svd
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_svd(*args, **kwargs)
+
+    fresh = {r: df.whitened_svd(w, gram, r) for r in (2, 5)}
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    with df.reusing():
+        shared = {r: df.whitened_svd(w, gram, r) for r in (2, 5)}
+        assert len(calls) == 1
+        w.mul_(2.0)  # an in-place change is a new key
+        doubled = df.whitened_svd(w, gram, 2)
+        assert len(calls) == 2
+    for r in (2, 5):
+        for a, b in zip(shared[r], fresh[r]):
+            assert torch.equal(a, b)
+    first, second = doubled
+    assert torch.allclose(second @ first, 2 * (fresh[2][1] @ fresh[2][0]))
+    assert df._LAST is None  # nothing kept outside the block
+    df.whitened_svd(w, gram, 2)
+    df.whitened_svd(w, gram, 2)
+    assert len(calls) == 4  # and outside it, nothing is reused
