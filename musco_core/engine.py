@@ -114,6 +114,7 @@ class Compressor:
         if data is not None:
             self._check_calibration(data)
             self.original = _frozen_copy(self.model)
+        self._fingerprint = _fingerprint(self.model)
         for warning in self.plan.warnings:
             warnings.warn(warning, MuscoWarning, stacklevel=2)
 
@@ -133,7 +134,11 @@ class Compressor:
         #: Tables joint rules recorded when they chose (e.g. the budget's sensitivity).
         self.joint_tables: dict[int, Any] = {}
         self.calibration = None
+        #: The reference model data-aware fits aim at (``Calibration.reference``).
         self.original = None
+        #: ``{tensor name: (storage, version)}`` of the model when the last step ended,
+        #: to notice changes made between steps (fine-tuning).
+        self._fingerprint: dict[str, tuple[int, int]] | None = None
         self.latency = None
         self.example_inputs = None
 
@@ -244,6 +249,9 @@ class Compressor:
             self._check_calibration(self.calibration)
             self.original = _frozen_copy(model)
             self.original.to(_device_of(work))
+            if self.spec.calibration.reference == "step":
+                self.original = None  # taken at the start of the next step
+        self._fingerprint = _fingerprint(work)
         return self
 
     def report(self) -> RunReport:
@@ -308,6 +316,8 @@ class Compressor:
         self.hook.musco_step_started(compressor=self, step=index, layers=[n for _, n in work])
         started = time.perf_counter()
         try:
+            if self.calibration is not None:
+                self._refresh_reference()
             self._ensure_joint_ranks([name for _, name in work])
             data = self._layer_data([name for _, name in work])
             built: dict[str, _Built] = {}
@@ -328,6 +338,7 @@ class Compressor:
             raise
         # Commit: nothing below can fail halfway.
         self.manifest.extend(entries)
+        self._fingerprint = _fingerprint(self.model)
         saved = 0
         for name, b in built.items():
             saved += self.stats[name].flops - b.stats.flops
@@ -347,6 +358,15 @@ class Compressor:
                 f"the original ({self.model_params_before}); check the ranks", MuscoWarning,
                 stacklevel=2)
         return report
+
+    def _refresh_reference(self) -> None:
+        """Take the model as it is now as the reference, if ``Calibration.reference`` says so."""
+        mode = self.spec.calibration.reference
+        changed = self._fingerprint is not None and _fingerprint(self.model) != self._fingerprint
+        if mode == "step" or (mode == "auto" and changed) or self.original is None:
+            self.original = None  # free the old copy first
+            self.original = _frozen_copy(self.model)
+            self._fingerprint = _fingerprint(self.model)
 
     def _model_totals(self, flops_before: int, flops_after: int) -> dict[str, int]:
         params = param_count(self.model)
@@ -731,6 +751,12 @@ class _Built:
 #: ``min_speedup`` decisions whose first speedup is within this factor of the margin are
 #: timed twice more (median of three).
 _RETIME_BAND = 1.25
+
+
+def _fingerprint(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Storage and in-place version of every parameter and buffer: training changes them."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return {name: (t.data_ptr(), t._version) for name, t in tensors}
 
 
 def _finite(module: nn.Module) -> bool:

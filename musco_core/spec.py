@@ -241,6 +241,16 @@ class Calibration:
     max_batches: int | None = attrs.field(default=None, validator=_optional_positive_int)
     #: Use at most this many samples (rows of the first tensor of a batch) per pass.
     max_samples: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    #: Whose outputs the data-aware fits, refinement and output errors aim at:
+    #: ``"original"``: the model as it was handed to the compressor, always;
+    #: ``"step"``: the model as it is at the start of each step (no correction of
+    #: earlier steps' errors); ``"auto"``: the original until the model is changed
+    #: between steps (fine-tuning: any parameter or buffer changed in place or
+    #: replaced), from then on the model as it was at the start of the first step
+    #: after the latest change -- so fits do not pull fine-tuned layers back toward
+    #: the original while the layers after them were trained for the fine-tuned ones.
+    reference: str = attrs.field(default="auto",
+                                 validator=attrs.validators.in_(("auto", "original", "step")))
 
 
 @attrs.frozen

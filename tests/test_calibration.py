@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import gc
 import weakref
 
@@ -512,3 +514,57 @@ def test_model_scope_refinement_trains_only_the_new_factors_and_keeps_grads_clea
         Spec.from_dict({"rules": [{"match": "linear", "decomposition": "svd", "rank": "vbmf"}],
                         "refine": {"scope": "block"}})
     assert str(caught.value) == "'scope' must be in ('layer', 'model') (got 'block') @ $.refine"
+
+
+def _two_steps(reference, *, fine_tune):
+    """Layer '0' in step 1, layer '2' in step 2; optionally 'fine-tune' '2' in between."""
+    model, data = anisotropic_model_and_data()
+    spec = Spec(rules=[Rule(match="linear", decomposition=musco.Decompose("svd", whiten=True),
+                            rank=RankRule("fixed", rank=8))], exclude=["4"], layers_per_step=1,
+                calibration=musco.Calibration(reference=reference))
+    compressor = musco.Compressor(model, spec, data[0], calibration=data)
+    compressor.step()
+    if fine_tune:  # "fine-tune" the compressed first layer: weights changed in place
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(9)
+            for p in compressor.model[0].parameters():
+                p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    trained = copy.deepcopy(compressor.model[2])
+    compressor.step()
+    return compressor, trained, data
+
+
+def _fit_error(new, reference_layer, compressor, data):
+    # output error of the new layer '2' against `reference_layer` on the inputs it sees now
+    with torch.no_grad():
+        x = compressor.model[1](compressor.model[0](torch.cat(data)))
+        y, y_new = reference_layer(x), new(x)
+    return float(torch.linalg.vector_norm(y - y_new) / torch.linalg.vector_norm(y))
+
+
+def test_after_fine_tuning_between_steps_fits_aim_at_the_fine_tuned_model():
+    auto, trained, data = _two_steps("auto", fine_tune=True)
+    original, _, _ = _two_steps("original", fine_tune=True)
+    # "auto" fits layer '2' to its output on the fine-tuned inputs; "original" maps them
+    # back toward the original model's features, undoing the fine-tuning upstream
+    auto_error = _fit_error(auto.model[2], trained, auto, data)
+    original_error = _fit_error(original.model[2], trained, original, data)
+    assert auto_error < 0.7 * original_error
+    # "step" takes the model at each step's start: here the same as "auto"
+    step, _, _ = _two_steps("step", fine_tune=True)
+    for a, b in zip(auto.model.state_dict().values(), step.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_without_changes_between_steps_auto_keeps_the_original_reference():
+    auto, _, _ = _two_steps("auto", fine_tune=False)
+    original, _, _ = _two_steps("original", fine_tune=False)
+    step, _, _ = _two_steps("step", fine_tune=False)
+    for a, b in zip(auto.model.state_dict().values(), original.model.state_dict().values()):
+        assert torch.equal(a, b)  # error correction toward the original kept
+    assert any(not torch.equal(a, b) for a, b in zip(auto.model.state_dict().values(),
+                                                      step.model.state_dict().values()))
+    with pytest.raises(musco.SpecError, match=r"'reference' must be in \('auto', 'original', "
+                                              r"'step'\) \(got 'teacher'\) @ \$\.calibration"):
+        Spec.from_dict({"rules": [{"match": "linear", "decomposition": "svd", "rank": "vbmf"}],
+                        "calibration": {"reference": "teacher"}})

@@ -21,7 +21,7 @@ from musco_core import Spec, SpecError
 
 KEYS = ["rules", "exclude", "layers_per_step", "rounds", "calibration", "refine", "match",
         "decomposition", "rank", "unsupported", "min_speedup", "round_by_speed", "name", "rate", "ranks",
-        "pattern", "class_name", "max_batches", "max_samples", "steps", "seconds", "lr", "seed"]
+        "pattern", "class_name", "max_batches", "max_samples", "reference", "steps", "seconds", "lr", "seed"]
 NAMES = ["linear", "conv1x1", "conv_kxk", "glob", "type", "svd", "tucker2", "cp3", "fixed",
          "param_reduction", "vbmf", "skip", "error"]
 
