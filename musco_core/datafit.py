@@ -236,9 +236,9 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
     ``cross`` it fits the original output from the shifted inputs.
     A zero Gram gives the plain truncated SVD of ``W``.
 
-    The singular values are split evenly, as in plain SVD:
-    ``second = U_r Sigma_r^{1/2}``, ``first = Sigma_r^{1/2} V_r^T S^{-1}``, so
-    ``W' = second @ first``.
+    The factors are ``second = U_r Sigma_r^{1/2}``, ``first = Sigma_r^{1/2} V_r^T
+    S^{-1}`` (so ``W' = second @ first``), then each component rescaled so that the
+    two factors have equal norms (:func:`balance_pair`).
 
     Parameters
     ----------
@@ -262,7 +262,22 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
     _check_rank(rank, w)
     u, s, vh, s_inv = _whitened_factors(weight, w, gram, cross, damping)
     root = s[:rank].sqrt()
-    return (root[:, None] * vh[:rank]) @ s_inv, u[:, :rank] * root[None, :]
+    return balance_pair((root[:, None] * vh[:rank]) @ s_inv, u[:, :rank] * root[None, :])
+
+
+def balance_pair(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank component so ``|first[i, :]| == |second[:, i]|``; ``second @ first`` kept.
+
+    Whitening folds ``S^{-1}`` into the input factor; the Gram sums many rows, so
+    without this the input factor is orders of magnitude smaller than the output
+    factor, and fine-tuning with a per-parameter step size (Adam) moves the small
+    one far too much. Balanced factors train like plain SVD's.
+    """
+    a = torch.linalg.vector_norm(first, dim=1)
+    b = torch.linalg.vector_norm(second, dim=0)
+    ok = (a > 0) & (b > 0)
+    c = torch.where(ok, (b / torch.where(ok, a, 1)).sqrt(), torch.ones_like(a))
+    return first * c[:, None], second / c[None, :]
 
 
 #: Inside :func:`reusing`: the last whitened SVD, ``[key, tensors the key names, (U, s,
@@ -464,4 +479,9 @@ def whitened_tucker2(weight: torch.Tensor, rank: tuple[int, int], gram: torch.Te
     """
     whitened, s_inv = whiten_input_mode(weight, gram, cross=cross, damping=damping)
     first, core, last = fit(whitened, tuple(rank))
-    return unwhiten_first(first, s_inv), core.to(_F64), last.to(_F64)
+    first, core = unwhiten_first(first, s_inv), core.to(_F64)
+    # unit rows of the input factor, as in plain Tucker-2; the scale goes into the core
+    # (see balance_pair: fine-tuning moves a tiny factor far too much)
+    norms = torch.linalg.vector_norm(first, dim=1)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return first / norms[:, None], core * norms[None, :, None, None], last.to(_F64)

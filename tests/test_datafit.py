@@ -450,3 +450,31 @@ def test_reusing_shares_one_whitened_svd_across_ranks_and_keeps_nothing_after(mo
     df.whitened_svd(w, gram, 2)
     df.whitened_svd(w, gram, 2)
     assert len(calls) == 4  # and outside it, nothing is reused
+
+
+def test_whitened_factors_are_balanced_so_fine_tuning_treats_them_alike():
+    # A Gram summed over many rows (here 10^5 at unit scale) makes S^-1 tiny: unbalanced,
+    # the input factor would be ~(10^5)^(1/4) = 18x smaller than the output factor.
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(2000, 12, generator=g, dtype=torch.float64)
+    gram = 50.0 * (x.T @ x)
+    first, second = df.whitened_svd(w, gram, 5)
+    a = torch.linalg.vector_norm(first, dim=1)
+    b = torch.linalg.vector_norm(second, dim=0)
+    assert torch.allclose(a, b, rtol=1e-10)
+    u, s, vh, s_inv = df._whitened_factors(w, w, gram, None, df.DEFAULT_DAMPING)
+    assert torch.allclose(second @ first, u[:, :5] @ torch.diag(s[:5]) @ vh[:5] @ s_inv)
+    # tucker2: unit rows of the input factor, the product unchanged
+    from musco_std.tucker2 import tucker2_hooi
+
+    weight = torch.randn(8, 12, 3, 3, generator=g, dtype=torch.float64)
+    first, core, last = df.whitened_tucker2(weight, (4, 5), gram, fit=tucker2_hooi)
+    assert torch.allclose(torch.linalg.vector_norm(first, dim=1),
+                          torch.ones(4, dtype=torch.float64))
+    whitened, s_inv = df.whiten_input_mode(weight, gram)
+    f0, c0, l0 = tucker2_hooi(whitened, (4, 5))
+    from musco_std.tucker2 import tucker2_reconstruct
+
+    assert torch.allclose(tucker2_reconstruct(first, core, last),
+                          tucker2_reconstruct(df.unwhiten_first(f0, s_inv), c0, l0))
