@@ -61,3 +61,13 @@ def test_latency_target_smoke(latency_target, tmp_path):
                                               "no compressed layer slower"}
     assert all(isinstance(t["met"], bool) for t in targets)
     assert "## Variants" in md and "## Targets" in md and "| flop 2x |" in md
+
+
+def test_the_benchmark_leaves_the_engine_as_it_found_it(latency_target, tmp_path):
+    # The benchmark memoises budget damage by layer name while it runs; a memo left
+    # installed gave later tests another model's damage for layers of the same name.
+    from musco_core import joint
+
+    latency_target.main(["--smoke", "--models", "cnn", "--settings", "1x1",
+                         "--out", str(tmp_path)])
+    assert joint.JointContext.damage.__module__ == "musco_core.joint"  # not the memo

@@ -192,7 +192,6 @@ def _memo_damage(self, layer, ranks, **kwargs):
     return [0.0 if r is None else _DAMAGE[(scope, r)] for r in ranks]
 
 
-_joint.JointContext.damage = _memo_damage
 
 
 # -- compression ---------------------------------------------------------------------------------
@@ -291,6 +290,17 @@ def layer_times(latency: LatencyModel, original: nn.Module, compressed: nn.Modul
 
 
 def main(argv=None) -> dict:
+    """Run the benchmark; the damage memo is installed only while it runs (and emptied)."""
+    _DAMAGE.clear()
+    _joint.JointContext.damage = _memo_damage
+    try:
+        return _main(argv)
+    finally:
+        _joint.JointContext.damage = _original_damage
+        _DAMAGE.clear()
+
+
+def _main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models, seconds")
     parser.add_argument("--out", default=str(C.RESULTS),
