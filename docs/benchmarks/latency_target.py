@@ -21,8 +21,8 @@ original, **both fused** with :func:`musco_core.fuse.fuse_for_inference`:
 
 The LatencyModel of a setting times layers at the setting's batch size, thread count and
 the original's fastest memory format (measured first); the compressor's statistics (and
-the budget rule's damage measurements) come from batch-1 example inputs, so a small
-subclass (:class:`BatchLatencyModel`) puts the setting's batch size into the timed shape.
+the budget rule's damage measurements) come from batch-1 example inputs, so the
+LatencyModel gets the setting's batch size (``LatencyModel(batch=...)``) for its timings.
 The budget rule's measured damage depends only on the model and the ranks, so it is
 memoised across settings (``JointContext.damage`` wrapped here; same numbers, less time).
 
@@ -160,21 +160,6 @@ def models(smoke: bool):
 
 
 # -- latency model, damage memo ----------------------------------------------------------------
-
-
-class BatchLatencyModel(LatencyModel):
-    """A LatencyModel that times every layer at batch size ``batch``.
-
-    The compressor's layer statistics come from batch-1 example inputs (cheap damage
-    measurements); the deployed batch size goes into the timed input shape here.
-    """
-
-    def __init__(self, batch: int, **kwargs):
-        super().__init__(**kwargs)
-        self.batch = batch
-
-    def time_module(self, module, input_shape):
-        return super().time_module(module, (self.batch, *tuple(input_shape)[1:]))
 
 
 _DAMAGE: dict = {}
@@ -366,7 +351,7 @@ def _main(argv=None) -> dict:
             t_model = pre.best("original").median
 
             def latency_model(fmt=fmt, batch=batch, threads=threads):
-                return BatchLatencyModel(batch, threads=threads, memory_format=fmt,
+                return LatencyModel(batch=batch, threads=threads, memory_format=fmt,
                                          min_run_time=min_run_time,
                                          warmup=1 if args.smoke else 2)
 
