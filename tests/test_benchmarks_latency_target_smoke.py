@@ -71,3 +71,25 @@ def test_the_benchmark_leaves_the_engine_as_it_found_it(latency_target, tmp_path
     latency_target.main(["--smoke", "--models", "cnn", "--settings", "1x1",
                          "--out", str(tmp_path)])
     assert joint.JointContext.damage.__module__ == "musco_core.joint"  # not the memo
+
+
+def test_a_reach_just_above_1_drops_the_rule_instead_of_asking_for_a_target_below_1(
+        latency_target, monkeypatch):
+    # The budget names its reach rounded ("reach at most 1.01x"); 0.98 of it is below 1,
+    # which is not a valid target: the rule must be dropped, not retried.
+    import musco_core as musco
+
+    calls = []
+
+    def fake_compress(model, example, rule_list, exclude, latency=None):
+        calls.append([r.rank.params for r in rule_list])
+        assert len(calls) < 3, f"retried: {calls}"  # rather than loop forever
+        raise musco.CompressionError(
+            "layer 'x': rank rule 'budget' failed: rule 0 ... reach at most 1.01x")
+
+    monkeypatch.setattr(latency_target, "compress", fake_compress)
+    compressor, targets, note = latency_target.compress_budget(
+        None, None, False, [], None, 1.5, 4)
+    assert compressor is None and targets == {}
+    assert note == "svd: no rank measured faster, layers left as they are"
+    assert len(calls) == 1
