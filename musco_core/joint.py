@@ -12,6 +12,7 @@ from musco_core import datafit
 from musco_core.calibration import collect_layer_data
 from musco_core.stats import _first_tensor, eval_mode, param_count, run_model
 from musco_core.strategies import Layer, Rank
+from musco_core.surgery import standing_in
 
 if TYPE_CHECKING:
     from musco_core.engine import Compressor
@@ -126,7 +127,7 @@ class JointContext:
                     new, _ = decomposition.compress(layer.module, rank, params, data=data)
                 else:
                     new, _ = decomposition.compress(layer.module, rank, params)
-                out.append(self._measure(layer.module, new, reference))
+                out.append(self._measure(layer.name, new, reference))
         return out
 
     def progress(self, iterable: Iterable[Any], desc: str | None = None,
@@ -160,22 +161,14 @@ class JointContext:
                                    for b in batches]
         return self._reference
 
-    def _measure(self, old: nn.Module, new: nn.Module,
+    def _measure(self, name: str, new: nn.Module,
                  reference: list[tuple[Any, torch.Tensor]]) -> float:
         model = self._compressor.model
         new.eval()
-
-        def swap(_module, args, _output):
-            return new(*args)
-
-        handle = old.register_forward_hook(swap)
         diff = total = 0.0
-        try:
-            with torch.no_grad(), eval_mode(model):
-                for batch, ref in reference:
-                    y = _first_tensor(run_model(model, batch))
-                    diff += float(torch.sum((y.double() - ref.double()) ** 2))
-                    total += float(torch.sum(ref.double() ** 2))
-        finally:
-            handle.remove()
+        with torch.no_grad(), eval_mode(model), standing_in(model, {name: new}):
+            for batch, ref in reference:
+                y = _first_tensor(run_model(model, batch))
+                diff += float(torch.sum((y.double() - ref.double()) ** 2))
+                total += float(torch.sum(ref.double() ** 2))
         return diff / total if total > 0 else diff

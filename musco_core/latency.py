@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,7 @@ class LatencyModel:
         key = self.key(module, input_shape)
         values = [self.cache[key]] if key in self.cache else []
         values += [self._measure(module, self._shape(input_shape)) for _ in range(repeats)]
-        self.cache[key] = float(sorted(values)[len(values) // 2]) if len(values) % 2 else \
-            float(sum(sorted(values)[len(values) // 2 - 1:len(values) // 2 + 1]) / 2)
+        self.cache[key] = float(statistics.median(values))
         return self.cache[key]
 
     def time_model(self, model: nn.Module, example_inputs: Any) -> float:

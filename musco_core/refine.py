@@ -12,6 +12,7 @@ from torch import nn
 from musco_core.calibration import paired_pass
 from musco_core.spec import Refine
 from musco_core.stats import _first_tensor, eval_mode, run_model
+from musco_core.surgery import standing_in
 
 
 def output_errors(original: nn.Module, current: nn.Module, data: Iterable[Any],
@@ -108,7 +109,7 @@ def model_output_error(original: nn.Module, current: nn.Module, data: Iterable[A
     """
     diff = total = 0.0
     with torch.no_grad(), eval_mode(original), eval_mode(current), _all_eval(modules), \
-            _standing_in(current, modules):
+            standing_in(current, modules):
         for batch in data:
             y_o = _first_tensor(run_model(original, batch)).double()
             y = _first_tensor(run_model(current, batch)).double()
@@ -121,30 +122,11 @@ def _model_loss(original, current, modules):
     def loss_of(batch):
         with torch.no_grad(), eval_mode(original):
             y_o = _first_tensor(run_model(original, batch)).detach()
-        with eval_mode(current), _standing_in(current, modules):
+        with eval_mode(current), standing_in(current, modules):
             y = _first_tensor(run_model(current, batch))
         scale = torch.sum(y_o.float() ** 2).clamp_min(1e-30)
         return torch.sum((y.float() - y_o.float()) ** 2) / scale
     return loss_of
-
-
-class _standing_in:
-    """Context: each ``modules[name]`` answers in place of ``current``'s layer ``name``."""
-
-    def __init__(self, current: nn.Module, modules: Mapping[str, nn.Module]):
-        self.current, self.modules, self.handles = current, modules, []
-
-    def __enter__(self):
-        for name, new in self.modules.items():
-            def hook(_module, args, kwargs, _output, new=new):
-                return new(*args, **kwargs)
-            self.handles.append(self.current.get_submodule(name).register_forward_hook(
-                hook, with_kwargs=True))
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 def _capture(original, current, batch, modules) -> list[tuple[str, tuple, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -90,3 +91,23 @@ def replace_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> 
                 setattr(parent, child, old)
         raise
     return {name: old for name, (old, _) in done.items()}
+
+
+@contextmanager
+def standing_in(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Within the block, ``replacements[name]`` answers every call of ``model``'s layer ``name``.
+
+    Nothing is swapped: a forward hook on the old layer returns the new module's output
+    for the same positional and keyword arguments (the old layer still runs, its output
+    is dropped). The hooks are removed when the block ends, also on error.
+    """
+    handles = []
+    try:
+        for name, new in replacements.items():
+            def hook(_module, args, kwargs, _output, new=new):
+                return new(*args, **kwargs)
+            handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
