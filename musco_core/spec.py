@@ -163,6 +163,11 @@ def _to_ref(cls: type[_Ref]) -> Callable[[Any], Any]:
     return convert
 
 
+def _optional_positive_int(instance, attribute, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{attribute.name!r} must be a positive int or None, got {value!r}")
+
+
 @attrs.frozen
 class Rule:
     """Layers matched by ``match`` are factorized with ``decomposition`` at the ranks of ``rank``.
@@ -208,14 +213,7 @@ class Rule:
     #: discarded share of the layer's spectrum, whitened with calibration data); see
     #: ``musco_core.latency.fastest_rank_near``. It may round *up*, so a reduction
     #: target can be missed by a little; not with ``round_to``, not for joint rules.
-    round_by_speed: int | None = attrs.field(default=None,
-                                             validator=lambda i, a, v: _optional_positive_int(
-                                                 i, a, v))
-
-
-def _optional_positive_int(instance, attribute, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{attribute.name!r} must be a positive int or None, got {value!r}")
+    round_by_speed: int | None = attrs.field(default=None, validator=_optional_positive_int)
 
 
 def _non_negative_number(instance, attribute, value) -> None:
