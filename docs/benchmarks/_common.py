@@ -85,6 +85,14 @@ def load_fashion_mnist(root: Path, limit: int | None = None):
     return tuple(out)
 
 
+def calibration_batches(images: torch.Tensor, n: int, batch: int, seed: int) -> list:
+    """``n`` images drawn at random (seeded) from ``images``, in batches of ``batch``: unlabeled
+    calibration data for the data-aware benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(images), generator=g)[:n]
+    return [images[pick[i:i + batch]] for i in range(0, len(pick), batch)]
+
+
 def synthetic_images(n_train: int, n_test: int, seed: int = 0, size: int = 28):
     """A learnable stand-in for Fashion-MNIST: 10 smooth class templates plus noise."""
     g = torch.Generator().manual_seed(seed)

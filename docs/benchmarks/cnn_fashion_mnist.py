@@ -84,9 +84,7 @@ def run_scheme(model, data, conv, rule, params, *, multi: bool, rounds: int, ft_
     started = time.perf_counter()
     calibration = None
     if conv.endswith(" whitened") or rule == "budget":
-        g = torch.Generator().manual_seed(seed + 1000)
-        pick = torch.randperm(len(x_train), generator=g)[:CALIB]
-        calibration = [x_train[pick[i:i + 64]] for i in range(0, len(pick), 64)]
+        calibration = C.calibration_batches(x_train, CALIB, 64, seed + 1000)
     compressor = musco.Compressor(model, spec, example_inputs=example, calibration=calibration,
                                   progress=False)
     n_steps = rounds * (LAYERS // 2) if multi else 1

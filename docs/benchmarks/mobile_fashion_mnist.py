@@ -365,10 +365,8 @@ def main(argv=None) -> dict:
     model, train_seconds = trained_model(args, data, source)
     x_train, _, x_test, y_test = data
     # unlabeled calibration images: a fixed random subset of the training set
-    g = torch.Generator().manual_seed(args.seed + 1000)
-    pick = torch.randperm(len(x_train), generator=g)[:args.calib]
-    calibration = [x_train[pick[i:i + args.calib_batch]]
-                   for i in range(0, len(pick), args.calib_batch)]
+    calibration = C.calibration_batches(x_train, args.calib, args.calib_batch, args.seed + 1000)
+    n_calib = sum(len(b) for b in calibration)
 
     example = x_test[:1]
     base = {"variant": "original", "FLOPs": C.count_flops(model, example),
@@ -404,7 +402,7 @@ def main(argv=None) -> dict:
 
         meta = {"data": source, "smoke": args.smoke, "seed": args.seed, "target": TARGET,
                 "layer_rate": layer_rate, "conv1x1_flops": m, "train_steps": args.train_steps,
-                "batch": args.batch, "train_lr": args.train_lr, "calib_images": len(pick),
+                "batch": args.batch, "train_lr": args.train_lr, "calib_images": n_calib,
                 "calib_batch": args.calib_batch, "refine_seconds": args.refine_seconds,
                 "refine_lr": args.refine_lr, "budget_grid": args.budget_grid,
                 "train_seconds": train_seconds, "total_seconds": total, "layers": layer_rows,
@@ -417,7 +415,7 @@ def main(argv=None) -> dict:
             f"convs by `svd` for {TARGET}x fewer FLOPs of the whole model (uniform variants: "
             f"`flop_reduction` rate {layer_rate:.3f} on each 1x1 conv; budget: `flop_reduction = "
             f"{TARGET}, scope = \"model\"` over them together), **no fine-tuning, no labels**. Calibration: "
-            f"{len(pick)} unlabeled training images in batches of {args.calib_batch}; local "
+            f"{n_calib} unlabeled training images in batches of {args.calib_batch}; local "
             f"refinement: {args.refine_seconds:g} s of wall time per variant in all (Adam, lr "
             f"{args.refine_lr:g}), split evenly over its steps; 'refine' trains each layer toward "
             "its original output, 'model refine' (`Refine(scope=\"model\")`) toward the original "
