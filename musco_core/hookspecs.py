@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from musco_core.context import StepView
     from musco_core.engine import Compressor
     from musco_core.report import StepReport
 
@@ -48,30 +49,87 @@ def musco_add_matchers(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def musco_step_started(compressor: Compressor, step: int, layers: list[str]) -> None:
+def musco_add_statistics(register: Callable[..., None]) -> None:
+    """Register calibration statistics (what strategies name in ``needs()``).
+
+    :param register: call ``register(statistic, aliases=())`` with an instance of
+        a :class:`musco_core.Statistic` subclass.
+    """
+
+
+@hookspec
+def musco_add_refiners(register: Callable[..., None]) -> None:
+    """Register refiners (the objective and loop of local refinement, ``Spec.refine``).
+
+    :param register: call ``register(refiner, aliases=())`` with an instance of a
+        :class:`musco_core.Refiner` subclass.
+    """
+
+
+@hookspec
+def musco_add_costs(register: Callable[..., None]) -> None:
+    """Register costs (what a budget counts: FLOPs, parameters, latency ...).
+
+    :param register: call ``register(cost, aliases=())`` with an instance of a
+        :class:`musco_core.Cost` subclass.
+    """
+
+
+@hookspec
+def musco_add_gates(register: Callable[..., None]) -> None:
+    """Register gates (``Rule.gates``: adjust a rank before building, keep or drop a built layer).
+
+    :param register: call ``register(gate, aliases=())`` with an instance of a
+        :class:`musco_core.GateStrategy` subclass.
+    """
+
+
+@hookspec
+def musco_add_flop_formulas(register: Callable[..., None]) -> None:
+    """Register FLOP formulas for layer types the FLOP counter misses.
+
+    :param register: call ``register(formula, aliases=())`` with an instance of a
+        :class:`musco_core.FlopFormula` subclass.
+    """
+
+
+@hookspec
+def musco_step_started(context: StepView, step: int, layers: list[str],
+                       compressor: Compressor) -> None:
     """Called before the engine compresses the layers of a step.
 
-    :param compressor: the running :class:`musco_core.Compressor`.
+    :param context: a :class:`musco_core.StepView` of the run (model, spec, plan,
+        position, reports so far): read it, do not change it.
+    :param compressor: the running :class:`musco_core.Compressor` (deprecated: use
+        ``context``; it will be removed).
     :param step: index of the step, starting at 0.
     :param layers: dotted names of the layers this step will compress.
     """
 
 
 @hookspec
-def musco_step_finished(compressor: Compressor, step: int, report: StepReport) -> None:
+def musco_step_finished(context: StepView, step: int, report: StepReport,
+                        compressor: Compressor) -> None:
     """Called after a step succeeded and its layers were swapped into the model.
 
-    :param compressor: the running :class:`musco_core.Compressor`.
+    Each plugin's implementation is called on its own (with the wrappers around
+    it): one that raises becomes a :class:`musco_core.MuscoWarning` naming the
+    plugin, since the step is committed by then.
+
+    :param context: a :class:`musco_core.StepView` of the run.
+    :param compressor: the running :class:`musco_core.Compressor` (deprecated).
     :param step: index of the step, starting at 0.
     :param report: the :class:`musco_core.StepReport` of the step.
     """
 
 
 @hookspec
-def musco_step_failed(compressor: Compressor, step: int, error: BaseException) -> None:
+def musco_step_failed(context: StepView, step: int, error: BaseException,
+                      compressor: Compressor) -> None:
     """Called after a step failed and the model was restored to its state before the step.
 
-    :param compressor: the running :class:`musco_core.Compressor`.
+    :param context: a :class:`musco_core.StepView` of the run.
+    :param compressor: the running :class:`musco_core.Compressor` (deprecated).
     :param step: index of the step, starting at 0.
     :param error: the exception the step raises to its caller.
     """

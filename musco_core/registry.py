@@ -36,7 +36,9 @@ import pluggy
 
 from musco_core import hookspecs
 from musco_core.errors import PluginError
-from musco_core.strategies import Decomposition, Matcher, RankSelector, Strategy
+from musco_core.strategies import (
+    Cost, Decomposition, FlopFormula, GateStrategy, Matcher, RankSelector, Refiner, Statistic, Strategy,
+)
 
 ENTRY_POINT_GROUP = "musco"
 FIRST_PARTY_DISTRIBUTION = "musco"
@@ -46,6 +48,11 @@ KINDS: dict[str, tuple[str, type[Strategy], str]] = {
     "decompositions": ("musco_add_decompositions", Decomposition, "decomposition"),
     "rank_rules": ("musco_add_rank_rules", RankSelector, "rank rule"),
     "matchers": ("musco_add_matchers", Matcher, "matcher"),
+    "statistics": ("musco_add_statistics", Statistic, "statistic"),
+    "refiners": ("musco_add_refiners", Refiner, "refiner"),
+    "costs": ("musco_add_costs", Cost, "cost"),
+    "gates": ("musco_add_gates", GateStrategy, "gate"),
+    "flop_formulas": ("musco_add_flop_formulas", FlopFormula, "FLOP formula"),
 }
 
 
@@ -315,5 +322,5 @@ def reset_default_registry() -> None:
 
 
 def available() -> dict[str, list[dict[str, Any]]]:
-    """``{"decompositions": [...], "rank_rules": [...], "matchers": [...]}`` of the default registry."""
+    """``{kind: [...]}`` of the default registry, for every kind in :data:`KINDS`."""
     return default_registry().available()

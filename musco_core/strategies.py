@@ -1,4 +1,4 @@
-"""Base classes for the three kinds of strategy: decompositions, rank selectors, matchers.
+"""Base classes for every kind of strategy: decompositions, rank rules, matchers and the policy kinds.
 
 Plugins subclass these and hand instances to the ``register`` callback of the
 ``musco_add_*`` hooks. The engine only ever talks to a strategy through the
@@ -7,6 +7,7 @@ methods defined here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import attrs
@@ -46,10 +47,13 @@ class Strategy:
     def needs(self, params: Any) -> frozenset[str]:
         """Statistics of calibration data this strategy uses with ``params``.
 
-        Known names (see :class:`musco_core.LayerData`): ``"input_gram"``. The
-        engine computes the union of what the strategies of a step need, only for
-        that step's layers, and hands it over as ``Layer.data`` (rank rules) or the
-        ``data=`` argument of :meth:`Decomposition.compress`. The default needs nothing.
+        Names of registered :class:`Statistic` plugins (first-party: ``"input_gram"``,
+        ``"cross_moment"``, ``"target_gram"``); an unknown name is a spec error before
+        anything runs. The engine computes the union of what the strategies of a step
+        need, only for that step's layers, and hands it over as ``Layer.data`` (rank
+        rules) or the ``data=`` argument of :meth:`Decomposition.compress`: a
+        :class:`musco_core.LayerData` mapping each name to its value. The default
+        needs nothing.
         """
         return frozenset()
 
@@ -165,14 +169,26 @@ class Decomposition(Strategy):
     def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The layer input ``x`` as rows ``(n, d)`` whose Gram matrix ``"input_gram"`` sums.
 
-        The default (:func:`musco_core.calibration.input_rows`) gives feature
-        vectors for Linear-like layers (last dimension) and channel vectors at the
-        positions a 1x1 conv reads for conv-like layers. Override it for other
-        layouts (e.g. unfolded patches).
+        The default (:func:`input_rows`) gives feature vectors for Linear-like
+        layers (last dimension) and channel vectors at the positions a 1x1 conv
+        reads for conv-like layers. Override it for other layouts (e.g. unfolded
+        patches).
         """
-        from musco_core.calibration import input_rows
-
         return input_rows(module, x)
+
+    def compress_ranks(self, module: nn.Module, ranks: list[Rank], params: Any,
+                       data: Any = None) -> Iterator[tuple[nn.Module, float]]:
+        """:meth:`compress` at each of ``ranks`` in turn (what a joint rank rule measures).
+
+        The default calls :meth:`compress` once per rank. Override it to share work
+        that does not depend on the rank (one SVD truncated at every rank); nothing
+        shared may outlive the iterator.
+        """
+        for rank in ranks:
+            if data is not None and self.needs(params):
+                yield self.compress(module, rank, params, data=data)
+            else:
+                yield self.compress(module, rank, params)
 
     def compress(self, module: nn.Module, rank: Rank, params: Any,
                  data: Any = None) -> tuple[nn.Module, float]:
@@ -217,6 +233,22 @@ class Decomposition(Strategy):
     def build(self, module: nn.Module, factors: Any) -> nn.Module:
         """Build the factorized module replacing ``module`` (same device, dtype, bias)."""
         raise NotImplementedError
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer input as rows ``(n, d)``: features (last dim) or channel vectors (dim 1).
+
+    4-D inputs (N, C, H, W) of a module with a ``stride`` (a conv, or a factorized
+    conv whose first part has one) are read at the positions a 1x1 conv with that
+    stride reads; other inputs are split into their last dimension.
+    """
+    if x.dim() == 4:
+        first = module if isinstance(module, nn.Conv2d) else getattr(module, "first", None)
+        if isinstance(first, nn.Conv2d) and tuple(first.kernel_size) == (1, 1) \
+                and tuple(first.stride) != (1, 1):
+            x = x[:, :, :: first.stride[0], :: first.stride[1]]
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def largest_rank_within(full: Rank, cost, budget: float) -> Rank | None:
@@ -334,3 +366,131 @@ class Layer:
     #: Statistics of the calibration data the layer sees now (:class:`musco_core.LayerData`),
     #: when calibration data was given and a strategy of the rule needs them; else ``None``.
     data: Any = None
+
+
+# -- the policy kinds: statistics, refiners, costs, gates, FLOP formulas ---------------------
+
+
+@attrs.frozen(eq=False)
+class LayerBatch:
+    """One call of a layer on one calibration batch, as a :class:`Statistic` sees it.
+
+    ``rows`` are the inputs the layer gets in the model as it is now and
+    ``original_rows`` the inputs the original layer got on the same batch, both cut
+    into rows by :meth:`Decomposition.input_rows` and in float64. ``output`` is the
+    layer's output now (read it at once: it is not a copy).
+    """
+
+    name: str
+    index: int
+    rows: torch.Tensor
+    original_rows: torch.Tensor
+    module: nn.Module
+    output: Any = None
+
+
+class Statistic(Strategy):
+    """What the calibration pass accumulates per layer, by name (``"input_gram"``, ...).
+
+    A decomposition or rank rule names the statistics it needs in
+    :meth:`Strategy.needs`; the engine computes only those, for only the layers
+    that need them, in one pass over the calibration data, and hands them over in
+    a :class:`musco_core.LayerData` (``data["input_gram"]``).
+    """
+
+    def update(self, state: Any, batch: LayerBatch) -> Any:
+        """Fold one layer call into ``state`` (``None`` at the first call); return the new state."""
+        raise NotImplementedError
+
+    def result(self, state: Any, rows: int) -> Any:
+        """The statistic from the final ``state`` after ``rows`` rows (default: ``state``).
+
+        Whatever is returned is kept for later: detach and clone what must not change.
+        """
+        return state
+
+
+class Refiner(Strategy):
+    """Local refinement after a step: an objective and the loop that lowers it, without labels.
+
+    The engine keeps the step's new modules out of the model while this runs, and
+    keeps the result only if :meth:`objective` did not get worse (else the factors
+    from before refinement are restored).
+    """
+
+    #: The step report field :meth:`objective` is reported in (``None``: not reported).
+    step_field: ClassVar[str | None] = None
+
+    def enabled(self, params: Any) -> bool:
+        """Whether refinement runs with ``params`` (e.g. ``steps > 0``)."""
+        return True
+
+    def objective(self, modules: dict[str, nn.Module], context: Any, params: Any) -> float:
+        """What refinement lowers, for the new ``modules`` (not yet in the model); lower is better."""
+        raise NotImplementedError
+
+    def refine(self, modules: dict[str, nn.Module], context: Any, params: Any) -> None:
+        """Train the parameters of ``modules`` in place; ``context`` is the :class:`StepContext`."""
+        raise NotImplementedError
+
+
+class Cost(Strategy):
+    """What a budget counts (``"flops"``, ``"params"``, ``"latency"``): a layer's and the model's."""
+
+    def layer(self, layer: Layer, module: nn.Module, rank: Rank | None, context: Any) -> float:
+        """The cost of ``layer`` if it became ``module`` (built at ``rank``; ``None``: as it is).
+
+        ``module`` may be a skeleton (weights uninitialised): count or time, do not
+        read weights.
+        """
+        raise NotImplementedError
+
+    def model(self, context: Any) -> float:
+        """The whole model's cost now, for model-level targets."""
+        raise NotImplementedError
+
+
+@attrs.frozen
+class Verdict:
+    """What a :class:`GateStrategy` says of a built layer: keep it or not, why, and report fields."""
+
+    keep: bool = True
+    reason: str = ""
+    #: Extra fields for the layer's report (e.g. ``time_before``, ``time_after``).
+    fields: Any = attrs.field(factory=dict)
+
+
+class GateStrategy(Strategy):
+    """Decides, around building a layer, at which rank it is built and whether it is kept.
+
+    Listed in a rule's ``gates`` (by name, through :class:`musco_core.Gate`). :meth:`adjust` may move the rank the rank rule
+    chose (before the layer is built); :meth:`keep` may drop a built layer (the
+    layer is then reported as skipped with the reason). Both default to passing.
+    """
+
+    def problems(self, params: Any, rank_rule: RankSelector, limits: Any) -> list[str]:
+        """Problems of using this gate with a rule's rank rule and limits (checked up front)."""
+        return []
+
+    def adjust(self, layer: Layer, rank: Rank, context: Any, params: Any,
+               ) -> tuple[Rank, dict[str, Any]]:
+        """The rank to build instead of ``rank``, and fields for the layer's report."""
+        return rank, {}
+
+    def keep(self, layer: Layer, module: nn.Module, context: Any, params: Any) -> Verdict:
+        """Whether the built ``module`` replaces ``layer``."""
+        return Verdict()
+
+
+class FlopFormula(Strategy):
+    """FLOPs of a layer type that ``torch.utils.flop_counter`` misses (counts as 0).
+
+    Used for a call of a module of :attr:`module_types` that added no FLOPs to the
+    counter.
+    """
+
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def flops(self, module: nn.Module, args: tuple, kwargs: dict) -> int:
+        """FLOPs of one call of ``module`` with ``args`` / ``kwargs`` (a multiply-add is 2)."""
+        raise NotImplementedError
