@@ -20,33 +20,58 @@ from musco_core.errors import (  # noqa: E402
 from musco_core.calibration import LayerData  # noqa: E402
 from musco_core.stats import LayerStats  # noqa: E402
 from musco_core.strategies import (  # noqa: E402
+    Cost,
     Decomposition,
+    FlopFormula,
+    GateStrategy,
     Layer,
+    LayerBatch,
     Matcher,
     NoParams,
     Rank,
     RankSelector,
+    Refiner,
+    Statistic,
     Strategy,
+    Verdict,
     relative_error,
 )
 from musco_core.registry import Registry, available, default_registry  # noqa: E402
-from musco_core.spec import Calibration, Decompose, Match, RankRule, Refine, Rule, Spec  # noqa: E402
+from musco_core.spec import Calibration, Decompose, Gate, Match, RankRule, Refine, Rule, Spec  # noqa: E402
+from musco_core.context import RoundContext, RunContext, StepView  # noqa: E402
 from musco_core.report import LayerReport, RunReport, StepReport  # noqa: E402
 from musco_core.plan import Plan, PlanEntry  # noqa: E402
 from musco_core.engine import Compressor  # noqa: E402
 from musco_core.persist import StateFileError, load_compressed  # noqa: E402
-from musco_core.finetune import (  # noqa: E402
-    compress_step,
-    parameter_names,
-    rebuild_optimizer,
-    retarget_schedulers,
-    stale_parameters,
-)
+
+# Adapters stay off the plain-run import path: the fine-tuning helpers are loaded from
+# musco_core.finetune on first use (PEP 562), so ``import musco_core`` does not import it.
+_FINETUNE = frozenset({
+    "compress_step", "parameter_names", "rebuild_optimizer", "retarget_schedulers",
+    "stale_parameters",
+})
+
+
+def __getattr__(name: str):
+    if name in _FINETUNE:
+        from musco_core import finetune
+
+        value = getattr(finetune, name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _FINETUNE)
+
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Calibration", "CompressionError", "Compressor", "Decompose", "Decomposition", "Layer", "LayerReport",
+    "Calibration", "CompressionError", "Compressor", "Cost", "Decompose", "Decomposition", "FlopFormula",
+    "Gate", "GateStrategy", "Layer", "LayerBatch", "LayerReport", "Refiner", "RoundContext", "RunContext",
+    "Statistic", "StepView", "Verdict",
     "LayerData", "LayerStats", "Match", "Matcher", "MuscoError", "MuscoWarning", "NoParams", "Plan", "PlanEntry",
     "PluginError", "Rank", "RankRule", "RankSelector", "Refine", "Registry", "Rule", "RunReport", "Spec",
     "SpecError", "StateFileError", "StepReport", "Strategy", "UnsupportedLayerError",

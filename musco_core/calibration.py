@@ -1,45 +1,77 @@
-"""Calibration data: batches, and the per-layer statistics streamed from them (float64 Grams)."""
+"""Calibration data: the batch stream, the paired pass, and per-layer statistics by name."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import attrs
 import torch
 from torch import nn
 
 from musco_core.errors import CompressionError
-from musco_core.stats import _first_tensor, eval_mode, run_model
+from musco_core._util import first_tensor
+from musco_core.stats import eval_mode, run_model
+from musco_core.strategies import LayerBatch, Statistic, input_rows  # noqa: F401 (re-export)
 
-#: Statistic names a strategy may list in :meth:`~musco_core.Strategy.needs`.
-KNOWN_STATISTICS = frozenset({"input_gram"})
+class LayerData(Mapping):
+    """The calibration statistics of one layer, by name (``data["input_gram"]``).
 
+    Only the statistics the layer's strategies named in ``needs()`` are there; each
+    is what its :class:`musco_core.Statistic` plugin returned. ``rows`` is how many
+    input rows were summed. The first-party ones (all d x d, float64), with ``X'``
+    the rows the layer sees in the model as it is now and ``X`` the rows the
+    *original* layer saw on the same batches:
 
-@attrs.frozen(eq=False)
-class LayerData:
-    """What the calibration data tells about one layer's inputs, accumulated in float64.
-
-    Rows are the layer's input vectors as :meth:`Decomposition.input_rows` cuts them
-    (features of a Linear, channel vectors of a conv), ``d`` wide. With ``X'`` the rows
-    the layer sees in the model as it is now (earlier layers already compressed) and
-    ``X`` the rows the *original* layer saw on the same batches:
-
-    - ``gram``  = ``X'^T X'``  (d x d)
-    - ``cross`` = ``X'^T X``   (d x d); equal to ``gram`` while nothing upstream changed
-    - ``target_gram`` = ``X^T X`` (d x d)
-    - ``rows``: how many rows were summed.
+    - ``"input_gram"``  ``G = X'^T X'`` (also :attr:`gram`)
+    - ``"cross_moment"`` ``C = X'^T X``, equal to ``G`` while nothing upstream changed
+      (also :attr:`cross`)
+    - ``"target_gram"`` ``T = X^T X`` (also :attr:`target_gram`)
 
     The layer's original output on the original inputs is ``X W^T``; a factorized
     ``W'`` fed with what it really sees gives ``X' W'^T``. Its squared output error
-    is ``tr(W T W^T) - 2 tr(W' C W^T) + tr(W' G W'^T)`` (``G = gram``, ``C = cross``,
-    ``T = target_gram``), minimal over all ``W'`` at ``W' = W C^T G^{-1}``.
+    is ``tr(W T W^T) - 2 tr(W' C W^T) + tr(W' G W'^T)``, minimal over all ``W'`` at
+    ``W' = W C^T G^{-1}``.
     """
 
-    gram: torch.Tensor
-    cross: torch.Tensor
-    target_gram: torch.Tensor
-    rows: int
+    def __init__(self, values: Mapping[str, Any] | None = None, *, rows: int = 0,
+                 gram: Any = None, cross: Any = None, target_gram: Any = None):
+        data = dict(values or {})
+        for key, value in (("input_gram", gram), ("cross_moment", cross),
+                           ("target_gram", target_gram)):
+            if value is not None:
+                data[key] = value
+        self._values = data
+        self.rows = int(rows)
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise KeyError(
+                f"statistic {name!r} was not collected for this layer (collected: "
+                f"{', '.join(sorted(self._values)) or 'none'}); name it in the strategy's "
+                "needs()") from None
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"LayerData({sorted(self._values)}, rows={self.rows})"
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self["input_gram"]
+
+    @property
+    def cross(self) -> torch.Tensor:
+        return self["cross_moment"]
+
+    @property
+    def target_gram(self) -> torch.Tensor:
+        return self["target_gram"]
 
     @property
     def shifted(self) -> bool:
@@ -47,31 +79,9 @@ class LayerData:
         return not torch.equal(self.gram, self.cross)
 
 
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer input as rows ``(n, d)``: features (last dim) or channel vectors (dim 1).
-
-    4-D inputs (N, C, H, W) of a module with a ``stride`` (a conv, or a factorized
-    conv whose first part has one) are read at the positions a 1x1 conv with that
-    stride reads; other inputs are split into their last dimension.
-    """
-    if x.dim() == 4:
-        stride = _stride(module)
-        if stride != (1, 1):
-            x = x[:, :, :: stride[0], :: stride[1]]
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-def _stride(module: nn.Module) -> tuple[int, int]:
-    first = module if isinstance(module, nn.Conv2d) else getattr(module, "first", None)
-    if isinstance(first, nn.Conv2d) and tuple(first.kernel_size) == (1, 1):
-        return tuple(first.stride)  # type: ignore[return-value]
-    return (1, 1)
-
-
 def batch_size(batch: Any) -> int:
     """Number of samples in a batch: the leading size of its first tensor."""
-    t = _first_tensor(list(batch.values()) if isinstance(batch, dict) else batch)
+    t = first_tensor(list(batch.values()) if isinstance(batch, dict) else batch)
     return int(t.shape[0]) if t is not None and t.dim() > 0 else 1
 
 
@@ -195,8 +205,8 @@ def paired_pass(original: nn.Module, current: nn.Module, data: CalibrationData,
         with torch.no_grad(), eval_mode(original), eval_mode(current):
             for batch_index, batch in enumerate(data):
                 kept.clear()
-                _run(original, batch, batch_index, "the original model")
-                _run(current, batch, batch_index, "the model")
+                run_batch(original, batch, batch_index, "the original model")
+                run_batch(current, batch, batch_index, "the model")
                 count += 1
     finally:
         for h in handles:
@@ -205,7 +215,9 @@ def paired_pass(original: nn.Module, current: nn.Module, data: CalibrationData,
     return count
 
 
-def _run(model: nn.Module, batch: Any, index: int, what: str) -> Any:
+def run_batch(model: nn.Module, batch: Any, index: int, what: str) -> Any:
+    """Run ``model`` on calibration batch ``index``; a batch that does not fit is a
+    :class:`CompressionError` naming ``what`` and the batch."""
     try:
         return run_model(model, batch)
     except CompressionError:
@@ -218,18 +230,22 @@ def _run(model: nn.Module, batch: Any, index: int, what: str) -> Any:
         ) from exc
 
 
-def collect_layer_data(original: nn.Module, current: nn.Module, data: CalibrationData,
-                       layers: Mapping[str, tuple[nn.Module, Any]]) -> dict[str, LayerData]:
-    """Stream :class:`LayerData` for ``layers`` (name -> (current module, decomposition)).
+def collect_layer_data(original: nn.Module, current: nn.Module, data: Iterable[Any],
+                       layers: Mapping[str, tuple[nn.Module, Any, Mapping[str, Statistic]]],
+                       ) -> dict[str, LayerData]:
+    """Stream the named statistics of ``layers`` (name -> (module, decomposition, statistics)).
 
-    One paired pass: only the d x d float64 sums are kept, never activations.
-    Non-finite inputs raise :class:`CompressionError` naming the layer and batch.
+    One paired pass (:func:`paired_pass`); each call of a layer is cut into float64
+    rows by its decomposition's ``input_rows`` and folded into each of its
+    :class:`musco_core.Statistic` s. Non-finite inputs raise
+    :class:`CompressionError` naming the layer and batch.
     """
-    sums: dict[str, list] = {}
+    states: dict[str, dict[str, Any]] = {}
+    rows_seen: dict[str, int] = {}
 
-    def on_pair(name, index, args, _out, args_o, _out_o):
-        module, decomposition = layers[name]
-        x, x_o = _first_tensor(args), _first_tensor(args_o)
+    def on_pair(name, index, args, out, args_o, _out_o):
+        module, decomposition, statistics = layers[name]
+        x, x_o = first_tensor(args), first_tensor(args_o)
         if x is None or x_o is None:
             raise CompressionError(f"layer {name!r} got no tensor input on calibration batch "
                                    f"{index}", layer=name)
@@ -239,24 +255,22 @@ def collect_layer_data(original: nn.Module, current: nn.Module, data: Calibratio
             raise CompressionError(
                 f"layer {name!r}: its inputs on calibration batch {index} contain NaN or Inf; "
                 "check the calibration data and the layers before it", layer=name)
-        if name not in sums:
-            d = rows.shape[1]
-            z = {"dtype": torch.float64, "device": rows.device}
-            sums[name] = [torch.zeros(d, d, **z), torch.zeros(d, d, **z),
-                          torch.zeros(d, d, **z), 0]
-        acc = sums[name]
-        acc[0].addmm_(rows.T, rows)
-        acc[1].addmm_(rows.T, rows_o)
-        acc[2].addmm_(rows_o.T, rows_o)
-        acc[3] += rows.shape[0]
+        batch = LayerBatch(name=name, index=index, rows=rows, original_rows=rows_o,
+                           module=module, output=out)
+        state = states.setdefault(name, dict.fromkeys(statistics))
+        for key, statistic in statistics.items():
+            state[key] = statistic.update(state[key], batch)
+        rows_seen[name] = rows_seen.get(name, 0) + rows.shape[0]
 
-    count = paired_pass(original, current, data, {n: m for n, (m, _) in layers.items()}, on_pair)
+    count = paired_pass(original, current, data, {n: m for n, (m, _, _) in layers.items()},
+                        on_pair)
     if count == 0:
         raise CompressionError("the calibration data yielded no batch; pass at least one batch")
-    missing = [n for n in layers if n not in sums]
+    missing = [n for n in layers if n not in states]
     if missing:
         raise CompressionError(
             f"layer {missing[0]!r} did not run on the calibration data, so its statistics "
             "are unknown; pass calibration batches that reach it", layer=missing[0])
-    return {n: LayerData(gram=g, cross=c, target_gram=t, rows=r)
-            for n, (g, c, t, r) in sums.items()}
+    return {n: LayerData({k: layers[n][2][k].result(v, rows_seen[n]) for k, v in state.items()},
+                         rows=rows_seen[n])
+            for n, state in states.items()}

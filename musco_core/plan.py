@@ -3,126 +3,17 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 from torch import nn
 
 from musco_core.errors import SpecError, UnsupportedLayerError
-from musco_core.limits import LIMIT_KEYS, RankLimits
-from musco_core.registry import Registry, default_registry
-from musco_core.spec import Match, Spec, _Ref, format_params_error, structure_params
+from musco_core.resolve import Bound, ResolvedRule, resolve_rules  # noqa: F401 (re-exported)
+from musco_core.spec import Spec
 from musco_core.stats import LayerStats, param_count
-from musco_core.strategies import (
-    Decomposition, Layer, Matcher, Rank, RankSelector, Strategy, rank_tuple,
-)
-
-
-@attrs.frozen
-class Bound:
-    """A strategy from the registry with its parameters structured into its ``Params``."""
-
-    name: str
-    strategy: Strategy
-    params: Any
-    #: For rank rules: ``round_to`` / ``min_rank`` / ``max_rank`` from the spec.
-    limits: RankLimits = RankLimits()
-
-
-@attrs.frozen
-class ResolvedRule:
-    index: int
-    matchers: tuple[Bound | Callable[[str, nn.Module], bool], ...]
-    decomposition: Bound
-    rank: Bound
-    #: Rounds the rule applies to; empty means every round.
-    rounds: tuple[int, ...] = ()
-    #: ``Rule.unsupported``: ``"skip"`` or ``"error"``.
-    unsupported: str = "skip"
-    #: ``Rule.min_speedup`` (``None``: off).
-    min_speedup: float | None = None
-    #: ``Rule.round_by_speed`` (``None``: off).
-    round_by_speed: int | None = None
-
-    def applies_to(self, rnd: int) -> bool:
-        return not self.rounds or rnd in self.rounds
-
-    def matches(self, name: str, module: nn.Module) -> bool:
-        for m in self.matchers:
-            if isinstance(m, Bound):
-                assert isinstance(m.strategy, Matcher)
-                if m.strategy.matches(name, module, m.params):
-                    return True
-            elif m(name, module):
-                return True
-        return False
-
-
-def _bind(registry: Registry, kind: str, ref: _Ref, path: str, problems: list[str]) -> Bound | None:
-    try:
-        entry = registry.get(kind, ref.name)
-    except KeyError as exc:
-        problems.append(f"{exc.args[0]} @ {path}")
-        return None
-    own = dict(ref.params)
-    limits = RankLimits()
-    failed = False
-    if kind == "rank_rules":
-        common = {k: own.pop(k) for k in LIMIT_KEYS if k in own}
-        try:
-            limits = structure_params(common, RankLimits)
-        except Exception as exc:
-            problems.extend(format_params_error(exc, path))
-            failed = True
-    try:
-        params = structure_params(own, entry.strategy.Params)
-    except Exception as exc:  # cattrs and attrs validators raise several types
-        problems.extend(format_params_error(exc, path))
-        return None
-    if failed:
-        return None
-    return Bound(name=entry.name, strategy=entry.strategy, params=params, limits=limits)
-
-
-def resolve_rules(spec: Spec, registry: Registry | None = None) -> tuple[ResolvedRule, ...]:
-    """Look up every strategy of ``spec`` and structure its parameters.
-
-    Raises :class:`SpecError` listing every problem with its path in the spec.
-    """
-    registry = registry or default_registry()
-    problems: list[str] = []
-    resolved = []
-    for i, rule in enumerate(spec.rules):
-        base = f"$.rules[{i}]"
-        matchers: list[Any] = []
-        for j, m in enumerate(rule.match):
-            if isinstance(m, Match):
-                matchers.append(_bind(registry, "matchers", m, f"{base}.match[{j}]", problems))
-            else:
-                matchers.append(m)
-        decomposition = _bind(registry, "decompositions", rule.decomposition,
-                              f"{base}.decomposition", problems)
-        rank = _bind(registry, "rank_rules", rule.rank, f"{base}.rank", problems)
-        for r in rule.rounds:
-            if r > spec.rounds:
-                problems.append(
-                    f"round {r} is after the last round (rounds = {spec.rounds}) @ {base}.rounds"
-                )
-        if rule.round_by_speed is not None and rank:
-            if rank.limits.round_to is not None:
-                problems.append(f"give 'round_to' or 'round_by_speed', not both @ {base}")
-            elif rank.strategy.joint:
-                problems.append(f"'round_by_speed' does not apply to the joint rank rule "
-                                f"{rule.rank.name!r} (it chooses ranks for its target "
-                                f"together) @ {base}.round_by_speed")
-        if decomposition and rank and all(m is not None for m in matchers):
-            resolved.append(ResolvedRule(i, tuple(matchers), decomposition, rank, rule.rounds,
-                                         rule.unsupported, rule.min_speedup,
-                                         rule.round_by_speed))
-    if problems:
-        raise SpecError(problems)
-    return tuple(resolved)
+from musco_core.strategies import Decomposition, Layer, Rank, RankSelector, rank_tuple
 
 
 @attrs.frozen

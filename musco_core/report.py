@@ -238,6 +238,6 @@ class RunReport:
 
     def plot(self, path=None):
         """Draw the run and save it to ``path`` (needs matplotlib); see :func:`musco_core.plot.plot_run`."""
-        from musco_core.plot import plot_run
+        from musco_core._figure import plot_run  # a leaf module, not the plot adapter
 
         return plot_run(self, path)

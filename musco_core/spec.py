@@ -6,124 +6,60 @@ against each strategy's ``Params`` class when a :class:`~musco_core.Compressor`
 is created (or by :meth:`Spec.validate`).
 
 The dict / TOML / YAML form writes a strategy as its name, or as a table with a
-``name`` key and the parameters beside it::
+``name`` key and the parameters beside it (see :mod:`musco_core.refs`)::
 
     layers_per_step = 5
     exclude = ["classifier.*"]
+    refine = { name = "layer_output", steps = 100 }
 
     [[rules]]
     match = ["linear", "conv1x1"]
     decomposition = "svd"
     rank = { name = "param_reduction", rate = 2.0 }
+    gates = [{ name = "min_speedup", factor = 1.2 }]
 """
 
 from __future__ import annotations
 
 import sys
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
-from cattrs.errors import (
-    ClassValidationError,
-    ForbiddenExtraKeysError,
-    IterableValidationError,
-    IterableValidationNote,
-)
+from cattrs.errors import ClassValidationError, IterableValidationError
 
 from musco_core.errors import SpecError
-from musco_core.registry import did_you_mean
+from musco_core.refs import (
+    Decompose,
+    FrozenDict,
+    Gate,
+    Match,
+    RankRule,
+    Refine,
+    StrategyRef,
+    converter,
+    format_exception,
+    format_params_error,
+    mapping_first,
+    structure_params,
+    structure_ref,
+    unstructure_params,
+    unstructure_ref,
+    warn_deprecated,
+)
+from musco_core.resolve import resolve_refine, resolve_rules
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-
-class FrozenDict(Mapping):
-    """A read-only, hashable mapping: the parameters of a frozen spec.
-
-    It compares equal to a ``dict`` with the same items, reads like one
-    (``params["rate"]``, ``dict(params)``) and cannot be changed in place.
-    """
-
-    __slots__ = ("_data",)
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        object.__setattr__(self, "_data", dict(*args, **kwargs))
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._data[key]
-
-    def __iter__(self):
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._data.items()))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is read-only")
-
-    def __repr__(self) -> str:
-        return repr(self._data)
-
-    def __reduce__(self):
-        return (type(self), (self._data,))
-
-
-def _freeze(value: Any) -> Any:
-    """Lists (how TOML, YAML and JSON write tuples) become tuples, mappings
-    :class:`FrozenDict`, recursively."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, Mapping):
-        return FrozenDict({k: _freeze(v) for k, v in value.items()})
-    return value
-
-
-def _params_dict(value: Any) -> FrozenDict:
-    return FrozenDict({k: _freeze(v) for k, v in dict(value).items()})
-
-
-@attrs.define(frozen=True, init=False, repr=False)
-class _Ref:
-    """A strategy by name, with parameters for its ``Params`` class."""
-
-    name: str = attrs.field(validator=attrs.validators.instance_of(str))
-    params: Mapping[str, Any] = attrs.field(converter=_params_dict, hash=False)
-
-    def __init__(self, name: str, /, **params: Any):
-        if "name" in params:
-            raise SpecError(
-                f"{type(self).__name__}({name!r}, name=...): a strategy parameter cannot be "
-                "called 'name', because the table form uses 'name' for the strategy"
-            )
-        self.__attrs_init__(name, params)
-
-    def __repr__(self) -> str:
-        args = [repr(self.name)] + [f"{k}={v!r}" for k, v in self.params.items()]
-        return f"{type(self).__name__}({', '.join(args)})"
-
-
-class Match(_Ref):
-    """A layer matcher by name: ``Match("glob", pattern="layer4.*")``."""
-
-
-class RankRule(_Ref):
-    """A rank rule by name: ``RankRule("param_reduction", rate=2.0)``."""
-
-
-class Decompose(_Ref):
-    """A decomposition by name, with parameters: ``Decompose("cp3", max_iter=200)``.
-
-    A plain string (``decomposition="svd"``) is the same as ``Decompose("svd")``.
-    """
+__all__ = [
+    "Calibration", "Decompose", "FrozenDict", "Gate", "Match", "RankRule", "Refine", "Rule",
+    "Spec", "StrategyRef", "format_params_error", "structure_params", "unstructure_params",
+]
 
 
 def _to_match(value: Any) -> Any:
@@ -149,6 +85,13 @@ def _check_matches(instance, attribute, value) -> None:
             )
 
 
+def _to_gates(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, (str, Mapping, Gate)):
+        value = [value]
+    return tuple(Gate(v) if isinstance(v, str) else
+                 structure_ref(Gate)(v, Gate) if isinstance(v, Mapping) else v for v in value)
+
+
 def _int_to_float(value: Any) -> Any:
     """``2`` -> ``2.0`` for a float field (a bool stays a bool and is rejected)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -156,7 +99,7 @@ def _int_to_float(value: Any) -> Any:
     return value
 
 
-def _to_ref(cls: type[_Ref]) -> Callable[[Any], Any]:
+def _to_ref(cls: type[StrategyRef]) -> Any:
     def convert(value: Any) -> Any:
         return cls(value) if isinstance(value, str) else value
 
@@ -166,6 +109,10 @@ def _to_ref(cls: type[_Ref]) -> Callable[[Any], Any]:
 def _optional_positive_int(instance, attribute, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{attribute.name!r} must be a positive int or None, got {value!r}")
+
+
+#: The deprecated rule options and the gate (and its parameter) each one became.
+LEGACY_GATES = {"round_by_speed": "multiple", "min_speedup": "factor"}
 
 
 @attrs.frozen
@@ -179,6 +126,15 @@ class Rule:
     ``rounds`` limits the rule to some rounds (``rounds=[2]``: only round 2);
     empty means every round. A rule keeps the layers it compressed in later
     rounds it applies to.
+
+    ``gates`` decide, around building each layer, at which rank it is built and
+    whether it is kept: gate names or :class:`Gate` objects, e.g.
+    ``gates=[Gate("min_speedup", factor=1.2)]`` (skip a layer whose factorized
+    version is not at least 1.2x faster, measured) or
+    ``Gate("round_by_speed", multiple=8)`` (round the rank by measured speed).
+    The options ``min_speedup=`` and ``round_by_speed=`` are deprecated: they
+    still load, with a :class:`DeprecationWarning`, as those gates (appended to
+    ``gates``, ``round_by_speed`` first) and then read ``None``.
     """
 
     match: tuple[Any, ...] = attrs.field(converter=_to_matches, validator=_check_matches)
@@ -201,30 +157,33 @@ class Rule:
     #: the reason; ``"error"`` (strict) rejects the spec.
     unsupported: str = attrs.field(default="skip",
                                    validator=attrs.validators.in_(("error", "skip")))
-    #: Skip a layer whose factorized version is not at least this much faster than
-    #: the layer it would replace, measured on the compressor's device (``None``: off).
+    #: Gates by name, in order (see above).
+    gates: tuple[Gate, ...] = attrs.field(
+        default=(), converter=_to_gates,
+        validator=attrs.validators.deep_iterable(attrs.validators.instance_of(Gate)))
+    #: Deprecated: ``Gate("min_speedup", factor=...)``; always ``None`` once built.
     min_speedup: float | None = attrs.field(
-        default=None, converter=_int_to_float,
+        default=None, converter=_int_to_float, repr=False,
         validator=attrs.validators.optional(
             [attrs.validators.instance_of(float), attrs.validators.gt(0.0)]))
-    #: Round the chosen rank by measured speed instead of always down: among the
-    #: multiples of this number just below and above the rank, and the rank itself,
-    #: take the one with the best measured speedup per unit of truncation error (the
-    #: discarded share of the layer's spectrum, whitened with calibration data); see
-    #: ``musco_core.latency.fastest_rank_near``. It may round *up*, so a reduction
-    #: target can be missed by a little; not with ``round_to``, not for joint rules.
-    round_by_speed: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    #: Deprecated: ``Gate("round_by_speed", multiple=...)``; always ``None`` once built.
+    round_by_speed: int | None = attrs.field(default=None, repr=False,
+                                             validator=_optional_positive_int)
 
-
-def _non_negative_number(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")
-
-
-def _optional_positive_number(instance, attribute, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not value > 0):
-        raise ValueError(f"{attribute.name!r} must be a number > 0 or None, got {value!r}")
+    def __attrs_post_init__(self) -> None:
+        gates = list(self.gates)
+        for key, param in LEGACY_GATES.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            gate = Gate(key, **{param: value})
+            gates.append(gate)
+            warn_deprecated(
+                f"Rule({key}={value!r}) ({key} = {value!r} in a rule's table) is deprecated; "
+                f"write gates=[{gate!r}] (in TOML: gates = [{{ name = \"{key}\", "
+                f"{param} = {value!r} }}])")
+            object.__setattr__(self, key, None)
+        object.__setattr__(self, "gates", tuple(gates))
 
 
 @attrs.frozen
@@ -251,38 +210,17 @@ class Calibration:
                                  validator=attrs.validators.in_(("auto", "original", "step")))
 
 
-@attrs.frozen
-class Refine:
-    """Local refinement after each step, without labels (off while ``steps == 0``).
-
-    The new factors of the step's layers are trained by Adam to reproduce the
-    *original* layers' outputs on the calibration inputs they see now (``scope =
-    "layer"``) or the original model's output (``scope = "model"``), for at most
-    ``steps`` optimizer steps or ``seconds`` of wall time, whichever comes first.
-    """
-
-    #: Optimizer steps (one calibration batch each); 0 turns refinement off.
-    steps: int = attrs.field(default=0, validator=[attrs.validators.instance_of(int),
-                                                   attrs.validators.ge(0)])
-    #: Wall-clock budget in seconds (``None``: only ``steps`` limits it).
-    seconds: float | None = attrs.field(default=None, validator=_optional_positive_number)
-    #: Adam learning rate.
-    lr: float = attrs.field(default=1e-4, validator=_non_negative_number)
-    #: Seed of the batch order, so a run is deterministic.
-    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
-    #: What the new factors are trained to reproduce: ``"layer"`` (each original
-    #: layer's output, from the inputs the layer sees now) or ``"model"`` (the original
-    #: model's output, with all of the step's new layers in place: each layer may then
-    #: move away from its own original output to undo what it and the layers after it
-    #: do to the model's output).
-    scope: str = attrs.field(default="layer",
-                             validator=attrs.validators.in_(("layer", "model")))
-
-
 def _str_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     return tuple(value)
+
+
+def _to_refine(value: Any) -> Any:
+    """A refiner name becomes a :class:`Refine`; the deprecated form without steps, ``None``."""
+    if isinstance(value, str):
+        return Refine(value)
+    return None if isinstance(value, Refine) and value.off else value
 
 
 @attrs.frozen
@@ -314,8 +252,10 @@ class Spec:
     #: Caps on the calibration data (see :class:`Calibration`).
     calibration: Calibration = attrs.field(
         factory=Calibration, validator=attrs.validators.instance_of(Calibration))
-    #: Local refinement after each step (see :class:`Refine`; off by default).
-    refine: Refine = attrs.field(factory=Refine, validator=attrs.validators.instance_of(Refine))
+    #: Local refinement after each step by a refiner (see :class:`Refine`; ``None``: off).
+    refine: Refine | None = attrs.field(
+        default=None, converter=_to_refine,
+        validator=attrs.validators.optional(attrs.validators.instance_of(Refine)))
 
     # -- alternative constructors ------------------------------------------------------
 
@@ -333,15 +273,15 @@ class Spec:
             problems = _key_problems(data, "$")
             if problems:
                 raise SpecError(problems)
-            return _converter.structure(dict(data), cls)
+            return converter.structure(dict(data), cls)
         except SpecError:
             raise
         except (ClassValidationError, IterableValidationError) as exc:
-            raise SpecError(cattrs.transform_error(exc, path="$", format_exception=_format)) from None
+            raise SpecError(cattrs.transform_error(exc, path="$", format_exception=format_exception)) from None
         except RecursionError:
             raise SpecError("the spec is nested too deeply @ $") from None
         except Exception as exc:  # a last resort: spec input never escapes as another type
-            raise SpecError(f"{_format(exc, None)} @ $") from None
+            raise SpecError(f"{format_exception(exc, None)} @ $") from None
 
     @classmethod
     def from_toml(cls, text: str) -> Spec:
@@ -411,7 +351,7 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The dict form (what :meth:`from_dict` reads). Callable matchers cannot be written."""
-        return _converter.unstructure(self)
+        return converter.unstructure(self)
 
     def to_toml(self) -> str:
         """The TOML form (what :meth:`from_toml` reads)."""
@@ -424,12 +364,20 @@ class Spec:
     def validate(self, registry=None) -> None:
         """Check strategy names and parameters against the registry; raise :class:`SpecError`.
 
+        Rules (with their gates and the statistics their strategies need) and the
+        refiner are checked; every problem is listed, with its path.
+
         Layer-dependent checks (ranks against layer shapes, layer names in
         per-layer mappings) happen when a :class:`~musco_core.Compressor` is created.
         """
-        from musco_core.plan import resolve_rules
-
-        resolve_rules(self, registry)
+        problems: list[str] = []
+        for resolve in (resolve_rules, resolve_refine):
+            try:
+                resolve(self, registry)
+            except SpecError as exc:
+                problems += exc.problems
+        if problems:
+            raise SpecError(problems)
 
 
 def _reject_none(value: Any, path: str) -> None:
@@ -445,10 +393,6 @@ def _reject_none(value: Any, path: str) -> None:
         for i, v in enumerate(value):
             _reject_none(v, f"{path}[{i}]")
 
-
-# -- the converter: dict form <-> spec objects ------------------------------------------
-
-_converter = cattrs.Converter(forbid_extra_keys=True)
 
 
 def _key_problems(value: Any, path: str) -> list[str]:
@@ -469,68 +413,8 @@ def _key_problems(value: Any, path: str) -> list[str]:
     return sorted(problems)
 
 
-# Strict scalars: the dict form is what a file says, so nothing is coerced (cattrs
-# would turn 2.9 into 2 and "12" into [1, 2]). An int is accepted where a float is.
 
-def _structure_int(value: Any, _type: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return value
-
-
-def _structure_float(value: Any, _type: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {value!r}")
-    return float(value)
-
-
-def _structure_str(value: Any, _type: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {value!r}")
-    return value
-
-
-def _structure_bool(value: Any, _type: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {value!r}")
-    return value
-
-
-for _type, _hook in ((int, _structure_int), (float, _structure_float), (str, _structure_str),
-                     (bool, _structure_bool)):
-    _converter.register_structure_hook(_type, _hook)
-
-
-def _is_sequence_type(type_: Any) -> bool:
-    return typing.get_origin(type_) in (tuple, list, Sequence) or type_ in (tuple, list)
-
-
-def _structure_sequence(value: Any, type_: Any) -> Any:
-    """A list or tuple only (cattrs would iterate a string or a mapping), item by item."""
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"expected a list, got {value!r}")
-    args = typing.get_args(type_)
-    if typing.get_origin(type_) is tuple and args and args[-1] is not Ellipsis:
-        if len(value) != len(args):
-            raise TypeError(f"expected a list of {len(args)} items, got {value!r}")
-        types = args
-    else:
-        types = (args[0] if args else Any,) * len(value)
-    out, errors = [], []
-    for i, (item, item_type) in enumerate(zip(value, types)):
-        try:
-            out.append(_converter.structure(item, item_type))
-        except Exception as exc:
-            exc.__notes__ = [*getattr(exc, "__notes__", []),
-                             IterableValidationNote(f"Structuring {type_} @ index {i}", i,
-                                                    item_type)]
-            errors.append(exc)
-    if errors:
-        raise IterableValidationError(f"While structuring {type_!r}", errors, type_)
-    return list(out) if typing.get_origin(type_) is list or type_ is list else tuple(out)
-
-
-_converter.register_structure_hook_func(_is_sequence_type, _structure_sequence)
+# -- the dict form of rules and specs (strategy references: musco_core.refs) ------------------
 
 
 def _structure_exclude(value: Any, _type: Any) -> tuple[str, ...]:
@@ -538,108 +422,67 @@ def _structure_exclude(value: Any, _type: Any) -> tuple[str, ...]:
         return (value,)
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"expected a glob pattern or a list of them, got {value!r}")
-    return tuple(_converter.structure(value, tuple[str, ...]))
-
-
-def _mapping_first(cls: type, hook: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-    """Wrap an attrs class's structure hook: the input must be a table."""
-
-    def structure(value: Any, type_: Any) -> Any:
-        if not isinstance(value, Mapping):
-            raise TypeError(f"expected a table (mapping) for {cls.__name__}, got {value!r}")
-        return hook(value, type_)
-
-    return structure
-
-
-def _structure_ref(cls: type[_Ref]) -> Callable[[Any, Any], _Ref]:
-    def structure(value: Any, _type: Any) -> _Ref:
-        if isinstance(value, str):
-            return cls(value)
-        if isinstance(value, Mapping):
-            params = dict(value)
-            name = params.pop("name", None)
-            if not isinstance(name, str):
-                raise ValueError(
-                    f"a table for a {cls.__name__} needs a 'name' key naming the strategy, "
-                    f"got keys {sorted(map(str, value))}"
-                )
-            return cls(name, **params)
-        raise TypeError(f"expected a name or a table with 'name', got {value!r}")
-
-    return structure
-
-
-def _unstructure_ref(ref: _Ref) -> Any:
-    if not ref.params:
-        return ref.name
-    return {"name": ref.name, **{k: _plain(v) for k, v in ref.params.items()}}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+    return tuple(converter.structure(value, tuple[str, ...]))
 
 
 def _structure_matches(value: Any, _type: Any) -> tuple[Match, ...]:
     items = value if isinstance(value, (list, tuple)) else [value]
     if not items:
         raise ValueError("'match' must name at least one matcher")
-    return tuple(_structure_ref(Match)(v, Match) for v in items)
+    return tuple(structure_ref(Match)(v, Match) for v in items)
+
+
+def _structure_gates(value: Any, _type: Any) -> tuple[Gate, ...]:
+    if isinstance(value, (str, Mapping)):
+        return (converter.structure(value, Gate),)
+    return converter.structure(value, tuple[Gate, ...])
 
 
 def _unstructure_match(item: Any) -> Any:
     if isinstance(item, Match):
-        return _unstructure_ref(item)
+        return unstructure_ref(item)
     raise SpecError(
         f"a callable matcher ({item!r}) cannot be written to a dict or file; "
         "register it as a matcher plugin and refer to it by name"
     )
 
 
-for _cls in (Match, RankRule, Decompose):
-    _converter.register_structure_hook(_cls, _structure_ref(_cls))
-    _converter.register_unstructure_hook(_cls, _unstructure_ref)
-
-_converter.register_structure_hook(
+converter.register_structure_hook(
     Rule,
-    _mapping_first(Rule, cattrs.gen.make_dict_structure_fn(
+    mapping_first(Rule, cattrs.gen.make_dict_structure_fn(
         Rule,
-        _converter,
+        converter,
         _cattrs_forbid_extra_keys=True,
         match=cattrs.gen.override(struct_hook=_structure_matches),
+        gates=cattrs.gen.override(struct_hook=_structure_gates),
     )),
 )
-for _cls in (Calibration, Refine):
-    _converter.register_structure_hook(
-        _cls, _mapping_first(_cls, cattrs.gen.make_dict_structure_fn(
-            _cls, _converter, _cattrs_forbid_extra_keys=True)))
-_converter.register_structure_hook(
+converter.register_structure_hook(
+    Calibration, mapping_first(Calibration, cattrs.gen.make_dict_structure_fn(
+        Calibration, converter, _cattrs_forbid_extra_keys=True)))
+converter.register_structure_hook(
     Spec,
-    _mapping_first(Spec, cattrs.gen.make_dict_structure_fn(
+    mapping_first(Spec, cattrs.gen.make_dict_structure_fn(
         Spec,
-        _converter,
+        converter,
         _cattrs_forbid_extra_keys=True,
         exclude=cattrs.gen.override(struct_hook=_structure_exclude),
     )),
 )
+
+
 def _unstructure_rule(rule: Rule) -> dict[str, Any]:
     data = {
         "match": [_unstructure_match(m) for m in rule.match],
-        "decomposition": _unstructure_ref(rule.decomposition),
-        "rank": _unstructure_ref(rule.rank),
+        "decomposition": unstructure_ref(rule.decomposition),
+        "rank": unstructure_ref(rule.rank),
     }
     if rule.rounds:
         data["rounds"] = list(rule.rounds)
     if rule.unsupported != "skip":
         data["unsupported"] = rule.unsupported
-    if rule.min_speedup is not None:
-        data["min_speedup"] = rule.min_speedup
-    if rule.round_by_speed is not None:
-        data["round_by_speed"] = rule.round_by_speed
+    if rule.gates:
+        data["gates"] = [unstructure_ref(g) for g in rule.gates]
     return data
 
 
@@ -651,55 +494,20 @@ def _non_default(obj: Any) -> dict[str, Any]:
             and getattr(obj, a.name) is not None}
 
 
-_converter.register_unstructure_hook(Rule, _unstructure_rule)
 def _unstructure_spec(spec: Spec) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "rules": [_converter.unstructure(r, Rule) for r in spec.rules],
+        "rules": [converter.unstructure(r, Rule) for r in spec.rules],
         "exclude": list(spec.exclude),
         "layers_per_step": spec.layers_per_step,
         "rounds": spec.rounds,
     }
-    for key in ("calibration", "refine"):
-        fields = _non_default(getattr(spec, key))
-        if fields:
-            data[key] = fields
+    calibration = _non_default(spec.calibration)
+    if calibration:
+        data["calibration"] = calibration
+    if spec.refine is not None:
+        data["refine"] = unstructure_ref(spec.refine)
     return data
 
 
-_converter.register_unstructure_hook(Spec, _unstructure_spec)
-
-
-def _format(exc: BaseException, type_: Any) -> str:
-    """Messages for :func:`cattrs.transform_error`: keep validators' words, suggest names."""
-    if isinstance(exc, ForbiddenExtraKeysError):
-        valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
-        parts = []
-        for key in sorted(exc.extra_fields, key=repr):
-            hint = did_you_mean(key, valid) if isinstance(key, str) else \
-                f"available: {', '.join(sorted(valid)) or 'none'}"
-            parts.append(f"unknown key {key!r}; {hint}")
-        return "; ".join(parts)
-    if isinstance(exc, KeyError):
-        return "required key missing"
-    if isinstance(exc, (ValueError, TypeError)) and exc.args and isinstance(exc.args[0], str):
-        return exc.args[0]  # attrs' own validators put the attribute and values in args[1:]
-    if isinstance(exc, (ValueError, TypeError)) and str(exc):
-        return str(exc)
-    return cattrs.v.format_exception(exc, type_)
-
-
-def format_params_error(exc: BaseException, path: str) -> list[str]:
-    """Lines with paths for a failure to structure strategy parameters at ``path``."""
-    if isinstance(exc, (ClassValidationError, IterableValidationError)):
-        return cattrs.transform_error(exc, path=path, format_exception=_format)
-    return [f"{_format(exc, None)} @ {path}"]
-
-
-def structure_params(params: Mapping[str, Any], cls: type) -> Any:
-    """Fill a strategy's ``Params`` class from a spec's parameters (unknown keys are errors)."""
-    return _converter.structure(dict(params), cls)
-
-
-def unstructure_params(params: Any) -> dict[str, Any]:
-    """A strategy's ``Params`` instance as the plain dict a spec or manifest holds."""
-    return _plain(_converter.unstructure(params))
+converter.register_unstructure_hook(Rule, _unstructure_rule)
+converter.register_unstructure_hook(Spec, _unstructure_spec)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -10,6 +10,8 @@ import attrs
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from musco_core._util import first_tensor
 
 
 @attrs.frozen
@@ -64,7 +66,8 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def probe_module(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+def probe_module(module: nn.Module, input_shape: tuple[int, ...],
+                 formulas: Formulas = ()) -> tuple[int, tuple[int, ...]]:
     """Run ``module`` on a zero input of ``input_shape``; return (FLOPs, output shape).
 
     FLOPs are counted by :class:`FlopCounter` (``FlopCounterMode`` plus the
@@ -75,24 +78,11 @@ def probe_module(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, 
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros(input_shape, device=device, dtype=dtype)
-    counter = FlopCounter(module)
+    counter = FlopCounter(module, formulas)
     with torch.no_grad(), eval_mode(module), counter:
         y = module(x)
-    out = _first_tensor(y)
+    out = first_tensor(y)
     return counter.total(), tuple(out.shape) if out is not None else ()
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    if isinstance(value, Mapping):
-        return _first_tensor(list(value.values()))
-    return None
 
 
 def run_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -105,7 +95,7 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def collect_stats(
-    model: nn.Module, example_inputs: Any, names: Iterable[str]
+    model: nn.Module, example_inputs: Any, names: Iterable[str], formulas: Formulas = ()
 ) -> dict[str, LayerStats]:
     """Run ``model`` once on ``example_inputs`` and return :class:`LayerStats` for ``names``.
 
@@ -117,7 +107,7 @@ def collect_stats(
     wanted = set(names)
     seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
     started: dict[str, list[int]] = {}
-    counter = FlopCounter(model)
+    counter = FlopCounter(model, formulas)
     handles = []
 
     # FLOPs of one call = the counter's total after the call minus before it, so every
@@ -129,8 +119,8 @@ def collect_stats(
 
         def hook(_module, args, output):
             flops = counter.total() - started[layer_name].pop()
-            x = _first_tensor(args)
-            y = _first_tensor(output)
+            x = first_tensor(args)
+            y = first_tensor(output)
             if x is not None and y is not None:
                 seen.setdefault(layer_name, []).append((tuple(x.shape), tuple(y.shape), flops))
 
@@ -236,7 +226,7 @@ def attention_flops(module: nn.MultiheadAttention, query_shape: tuple[int, ...],
 
 
 def _recurrent_formula(module, args, kwargs) -> int:
-    x = _first_tensor(args) if args else _first_tensor(kwargs.get("input"))
+    x = first_tensor(args) if args else first_tensor(kwargs.get("input"))
     return recurrent_flops(module, tuple(x.shape)) if x is not None else 0
 
 
@@ -247,6 +237,9 @@ def _attention_formula(module, args, kwargs) -> int:
         return 0
     return attention_flops(module, tuple(given[0].shape), tuple(given[1].shape))
 
+
+#: ``((module types), formula(module, args, kwargs) -> FLOPs)`` pairs.
+Formulas = Sequence[tuple[Any, Callable[..., int]]]
 
 #: Layers whose FLOPs ``FlopCounterMode`` may report as 0, with the formula used then.
 MISSED_FLOPS = ((nn.RNNBase, _recurrent_formula), (nn.MultiheadAttention, _attention_formula))
@@ -266,8 +259,10 @@ class FlopCounter:
     lists those that hold parameters.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, formulas: Formulas = (), *, builtins: bool = True):
         self.model = model
+        #: ``(module types, formula)`` pairs: plugins' (``FlopFormula``) first, then built-ins.
+        self.formulas = tuple(formulas) + (MISSED_FLOPS if builtins else ())
         self.mode = FlopCounterMode(display=False)
         #: FLOPs added by formula, on top of what ``FlopCounterMode`` counted.
         self.extra = 0
@@ -289,7 +284,7 @@ class FlopCounter:
 
     def __enter__(self) -> FlopCounter:
         for m in self.model.modules():
-            for kind, formula in MISSED_FLOPS:
+            for kind, formula in self.formulas:
                 if isinstance(m, kind) and (not isinstance(m, nn.RNNBase)
                                             or m.mode in RECURRENT_GATES):
                     self._handles.append(m.register_forward_pre_hook(self._pre))
@@ -369,9 +364,12 @@ def coverage(stats_by_layer: Mapping[str, LayerStats], planned_names: Iterable[s
     }
 
 
-def model_flops(model: nn.Module, example_inputs: Any) -> int:
-    """FLOPs of one forward pass of the whole model on ``example_inputs`` (eval, no grad)."""
-    counter = FlopCounterMode(display=False)
+def model_flops(model: nn.Module, example_inputs: Any, formulas: Formulas = ()) -> int:
+    """FLOPs of one forward pass of the whole model on ``example_inputs`` (eval, no grad).
+
+    What ``FlopCounterMode`` counts, plus the plugins' ``formulas`` for the layers it misses.
+    """
+    counter = FlopCounter(model, formulas, builtins=False)
     with torch.no_grad(), eval_mode(model), counter:
         run_model(model, example_inputs)
-    return int(counter.get_total_flops())
+    return counter.total()

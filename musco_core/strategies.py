@@ -420,6 +420,8 @@ class Refiner(Strategy):
 
     #: The step report field :meth:`objective` is reported in (``None``: not reported).
     step_field: ClassVar[str | None] = None
+    #: The step report field for the objective before refinement, when refinement kept.
+    refined_field: ClassVar[str | None] = None
 
     def enabled(self, params: Any) -> bool:
         """Whether refinement runs with ``params`` (e.g. ``steps > 0``)."""
@@ -437,11 +439,13 @@ class Refiner(Strategy):
 class Cost(Strategy):
     """What a budget counts (``"flops"``, ``"params"``, ``"latency"``): a layer's and the model's."""
 
-    def layer(self, layer: Layer, module: nn.Module, rank: Rank | None, context: Any) -> float:
-        """The cost of ``layer`` if it became ``module`` (built at ``rank``; ``None``: as it is).
+    def layer(self, layer: Layer, rank: Rank | None, context: Any) -> float:
+        """The cost of ``layer`` factorized at ``rank`` (``None``: as it is now).
 
-        ``module`` may be a skeleton (weights uninitialised): count or time, do not
-        read weights.
+        ``context`` is the :class:`musco_core.RoundContext` of the rule asking: its
+        ``decomposition`` counts (``flop_count``, ``param_count``) and its
+        ``skeleton(layer, rank)`` builds the factorized module from shapes alone
+        (weights uninitialised: time it, do not read it).
         """
         raise NotImplementedError
 

@@ -1,4 +1,4 @@
-"""Data-aware fitting (musco_core.datafit): whitened SVD against brute-force optima, float64."""
+"""Data-aware fitting (musco_std.datafit): whitened SVD against brute-force optima, float64."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from musco_core import datafit as df
+from musco_std import datafit as df
 from musco_core import relative_error
 from musco_core.testing import anisotropic_inputs, check_data_aware, seeds
 from musco_std.svd import SVD

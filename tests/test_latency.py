@@ -1,4 +1,4 @@
-"""The latency model (musco_core.latency): cache keys and reuse, candidate grids, speed-aware rounding.
+"""The latency model (musco_std.latency): cache keys and reuse, candidate grids, speed-aware rounding.
 
 Every test but one uses a fake, deterministic timer: no test asserts a wall-clock time.
 """
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import musco_core as musco
-from musco_core.latency import (
+from musco_std.latency import (
     LatencyModel,
     candidate_ranks,
     fastest_rank_near,
@@ -210,7 +210,7 @@ def test_batch_times_every_layer_and_the_model_at_that_batch():
     LatencyModel(timer=timer, warmup=1, batch=16).time_model(TwoInputs(),
                                                              (x, mask, torch.ones(2)))
     assert seen == [((16, 2), (16, 2), (2,))]  # the batch dim repeated; the (2,) tensor kept
-    from musco_core.latency import rebatch
+    from musco_std.latency import rebatch
 
     out = rebatch({"x": x}, 5)["x"]
     assert torch.equal(out, x[[0, 1, 2, 0, 1]])

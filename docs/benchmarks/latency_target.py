@@ -10,7 +10,7 @@ original, **both fused** with :func:`musco_core.fuse.fuse_for_inference`:
   Linear layers (the stem conv and classifier are kept; the inverted-residual net and
   MiniLM have only 1x1 convs / Linear layers compressed);
 - ``flop 2x, min_speedup 1.05``: the same, and a layer whose factorized version is not
-  1.05x faster (by the :class:`~musco_core.latency.LatencyModel`) stays as it is;
+  1.05x faster (by the :class:`~musco_std.latency.LatencyModel`) stays as it is;
 - ``latency 1.5x (layers)``: ``RankRule("budget", latency_reduction=1.5)`` with a
   LatencyModel on this CPU, passed as ``Compressor(..., latency=model)``. The budget
   rule's target is on the **summed latency of the layers it matches**, not the model;
@@ -58,7 +58,7 @@ import _common as C  # noqa: E402
 import musco_core as musco  # noqa: E402
 from musco_core import joint as _joint  # noqa: E402
 from musco_core.fuse import fuse_for_inference  # noqa: E402
-from musco_core.latency import LatencyModel  # noqa: E402
+from musco_std.latency import LatencyModel  # noqa: E402
 from musco_core.speed import benchmark  # noqa: E402
 from musco_core.stats import _first_tensor, run_model  # noqa: E402
 

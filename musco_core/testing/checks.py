@@ -61,8 +61,10 @@ def _supported(decomposition: Decomposition, layers) -> list[tuple[str, Any, nn.
     return out
 
 
-def _ranks(decomposition: Decomposition, module: nn.Module) -> list:
-    """Rank 1, about half the full rank, and the full rank (distinct, in that order)."""
+def default_ranks(decomposition: Decomposition, module: nn.Module) -> list:
+    """Rank 1, about half the full rank, and the full rank (distinct, in that order).
+
+    Shared with :mod:`musco_core.testing.data` (not in ``__all__``)."""
     full = decomposition.full_rank(module)
     if isinstance(full, int):
         ranks = [1, max(1, full // 2), full]
@@ -100,9 +102,10 @@ def _stats(config, module: nn.Module) -> LayerStats:
 # -- the checks -------------------------------------------------------------------------
 
 
-def _one_thread(check):
+def one_thread(check):
     """Run ``check`` with one intra-op thread (restored after): the layers are tiny, and
-    thread start-up and spinning dominate on small or busy machines."""
+    thread start-up and spinning dominate on small or busy machines. Shared with
+    :mod:`musco_core.testing.data` (not in ``__all__``)."""
 
     @functools.wraps(check)
     def wrapper(*args, **kwargs):
@@ -116,7 +119,7 @@ def _one_thread(check):
     return wrapper
 
 
-@_one_thread
+@one_thread
 def check_supports_some_layer(decomposition: Decomposition, *, layers=None, **_) -> None:
     """The decomposition accepts at least one of the layers (else nothing is tested)."""
     names = ", ".join(layers or DEFAULT_LAYERS)
@@ -124,14 +127,14 @@ def check_supports_some_layer(decomposition: Decomposition, *, layers=None, **_)
         f"{decomposition!r} accepts none of the test layers ({names}); pass layers=")
 
 
-@_one_thread
+@one_thread
 def check_forward_equivalence(decomposition: Decomposition, *, layers=None, params=None,
                               rtol: float = 1e-10, **_) -> None:
     """The built module computes the dense layer with the reconstructed weight (float64)."""
     params = _params(decomposition, params)
     for name, config, module in _supported(decomposition, layers):
         x = config.input()
-        for rank in _ranks(decomposition, module):
+        for rank in default_ranks(decomposition, module):
             weight = decomposition.weight(module).detach()
             factors = decomposition.decompose(weight, rank, params)
             approx = decomposition.reconstruct(factors)
@@ -141,7 +144,7 @@ def check_forward_equivalence(decomposition: Decomposition, *, layers=None, para
                               f"{decomposition.name} on {name!r} at rank {rank!r}")
 
 
-@_one_thread
+@one_thread
 def check_planted_recovery(decomposition: Decomposition, *, layers=None, params=None,
                            planted_rtol: float = 1e-6, plant=None, planted_ranks=None,
                            planted_params=None, **_) -> None:
@@ -159,7 +162,7 @@ def check_planted_recovery(decomposition: Decomposition, *, layers=None, params=
     """
     params = _params(decomposition, planted_params if planted_params is not None else params)
     for name, config, module in _supported(decomposition, layers):
-        ranks = (planted_ranks or _ranks)(decomposition, module)
+        ranks = (planted_ranks or default_ranks)(decomposition, module)
         for seed, rank in enumerate(ranks):
             planted = copy.deepcopy(module)
             if plant is None:
@@ -175,25 +178,25 @@ def check_planted_recovery(decomposition: Decomposition, *, layers=None, params=
                 f"relative error {error:.3g} > {planted_rtol:g}")
 
 
-@_one_thread
+@one_thread
 def check_param_count(decomposition: Decomposition, *, layers=None, params=None, **_) -> None:
     """``param_count`` equals the parameter count of the built module."""
     params = _params(decomposition, params)
     for name, config, module in _supported(decomposition, layers):
-        for rank in _ranks(decomposition, module):
+        for rank in default_ranks(decomposition, module):
             built, _ = decomposition.compress(module, rank, params)
             want, got = param_count(built), decomposition.param_count(module, rank)
             assert got == want, (f"{decomposition.name} on {name!r} at rank {rank!r}: "
                                  f"param_count says {got}, the built module has {want}")
 
 
-@_one_thread
+@one_thread
 def check_flop_count(decomposition: Decomposition, *, layers=None, params=None, **_) -> None:
     """``flop_count`` equals what ``FlopCounterMode`` counts for the built module."""
     params = _params(decomposition, params)
     for name, config, module in _supported(decomposition, layers):
         stats = _stats(config, module)
-        for rank in _ranks(decomposition, module):
+        for rank in default_ranks(decomposition, module):
             built, _ = decomposition.compress(module, rank, params)
             want, _ = probe_module(built, stats.input_shape)
             got = decomposition.flop_count(module, rank, stats)
@@ -201,7 +204,7 @@ def check_flop_count(decomposition: Decomposition, *, layers=None, params=None, 
                                  f"flop_count says {got}, FlopCounterMode counts {want}")
 
 
-@_one_thread
+@one_thread
 def check_validate_rank(decomposition: Decomposition, *, layers=None, **_) -> None:
     """``validate_rank`` accepts 1 and the full rank, rejects 0 and anything above full."""
     for name, config, module in _supported(decomposition, layers):
@@ -221,7 +224,7 @@ def check_validate_rank(decomposition: Decomposition, *, layers=None, **_) -> No
                 f"(full rank {decomposition.full_rank(module)!r})")
 
 
-@_one_thread
+@one_thread
 def check_compress_keeps_input(decomposition: Decomposition, *, layers=None, params=None,
                                **_) -> None:
     """``compress`` leaves the input module's parameters, mode and type unchanged."""
@@ -229,7 +232,7 @@ def check_compress_keeps_input(decomposition: Decomposition, *, layers=None, par
     for name, config, module in _supported(decomposition, layers):
         module.train(True)
         before = {k: v.clone() for k, v in module.state_dict().items()}
-        decomposition.compress(module, _ranks(decomposition, module)[1], params)
+        decomposition.compress(module, default_ranks(decomposition, module)[1], params)
         after = module.state_dict()
         assert module.training, f"{decomposition.name} on {name!r}: compress changed train mode"
         assert before.keys() == after.keys(), f"{decomposition.name} on {name!r}: state changed"
@@ -238,7 +241,7 @@ def check_compress_keeps_input(decomposition: Decomposition, *, layers=None, par
                 f"{decomposition.name} on {name!r}: compress modified {k!r} of its input")
 
 
-@_one_thread
+@one_thread
 def check_rank_for_param_count(decomposition: Decomposition, *, layers=None, **_) -> None:
     """``rank_for_param_count`` gives a valid rank within budget, or ``None`` below rank 1."""
     for name, config, module in _supported(decomposition, layers):
@@ -260,7 +263,7 @@ def check_rank_for_param_count(decomposition: Decomposition, *, layers=None, **_
                                      f"{count} params, over the budget {budget:g}")
 
 
-@_one_thread
+@one_thread
 def check_recompression(decomposition: Decomposition, *, layers=None, params=None,
                         rtol: float = 1e-10, **_) -> None:
     """If the decomposition accepts its own output, a second round at a smaller rank works.
@@ -271,7 +274,7 @@ def check_recompression(decomposition: Decomposition, *, layers=None, params=Non
     """
     params = _params(decomposition, params)
     for name, config, module in _supported(decomposition, layers):
-        built, _ = decomposition.compress(module, _ranks(decomposition, module)[1], params)
+        built, _ = decomposition.compress(module, default_ranks(decomposition, module)[1], params)
         try:
             decomposition.check(name, built)
         except UnsupportedLayerError:
@@ -288,7 +291,7 @@ def check_recompression(decomposition: Decomposition, *, layers=None, params=Non
             f"to {param_count(again)} params")
 
 
-@_one_thread
+@one_thread
 def check_factorized_module_class(decomposition: Decomposition, *, layers=None, params=None,
                                   **_) -> None:
     """``compress`` builds an instance of a named class with ``musco_decomposition`` set.
@@ -300,7 +303,7 @@ def check_factorized_module_class(decomposition: Decomposition, *, layers=None, 
     """
     params = _params(decomposition, params)
     for name, config, module in _supported(decomposition, layers):
-        built, _ = decomposition.compress(module, _ranks(decomposition, module)[1], params)
+        built, _ = decomposition.compress(module, default_ranks(decomposition, module)[1], params)
         cls = type(built)
         where = f"{decomposition.name} on {name!r}"
         assert not cls.__module__.startswith("torch."), (
@@ -361,7 +364,7 @@ def cp4_reference(factors, weight_shape) -> torch.Tensor:
     return dense.reshape(weight_shape)
 
 
-@_one_thread
+@one_thread
 def check_reconstruction_reference(decomposition: Decomposition, *, layers=None, params=None,
                                    reference=None, rtol: float = 1e-10, **_) -> None:
     """``reconstruct`` agrees with an independent reconstruction of the same factors.
@@ -378,7 +381,7 @@ def check_reconstruction_reference(decomposition: Decomposition, *, layers=None,
     params = _params(decomposition, params)
     for name, config, module in _supported(decomposition, layers):
         weight = decomposition.weight(module).detach()
-        for rank in _ranks(decomposition, module):
+        for rank in default_ranks(decomposition, module):
             factors = decomposition.decompose(weight, rank, params)
             got = decomposition.reconstruct(factors)
             want = reference(factors, tuple(weight.shape))

@@ -21,7 +21,7 @@ import torch
 from musco_core.calibration import KNOWN_STATISTICS, LayerData
 from musco_core.errors import UnsupportedLayerError
 from musco_core.strategies import Decomposition
-from musco_core.testing.checks import _one_thread, _ranks
+from musco_core.testing.checks import default_ranks, one_thread
 from musco_core.testing.strategies import ConvConfig, LinearConfig
 
 __all__ = ["DATA_LAYERS", "anisotropic_inputs", "check_data_aware"]
@@ -89,7 +89,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(got - want)) / scale
 
 
-@_one_thread
+@one_thread
 def check_data_aware(decomposition: Decomposition, params: Any = None, plain_params: Any = None,
                      *, layers: dict | None = None, shifted: bool = True,
                      condition: float = 100.0, seed: int = 0, rtol: float = 1e-6,
@@ -141,7 +141,7 @@ def check_data_aware(decomposition: Decomposition, params: Any = None, plain_par
                          target_gram=rows.T @ rows, rows=rows.shape[0])
         with torch.no_grad():
             reference = module(x)
-        for rank in _ranks(decomposition, module):
+        for rank in default_ranks(decomposition, module):
             tested += 1
             where = f"{decomposition.name} on {name!r} at rank {rank!r}"
             try:

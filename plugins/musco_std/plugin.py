@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from musco_core import hookimpl
 from musco_std.budget import BUDGET
+from musco_std.costs import COSTS
+from musco_std.gates import GATES
+from musco_std.refiners import REFINERS
+from musco_std.statistics import STATISTICS
 from musco_std.matchers import MATCHERS
 from musco_std.rank_rules import RANK_RULES
 from musco_std.conv1d import SVD1d, Tucker21d
@@ -35,3 +39,27 @@ def musco_add_rank_rules(register):
 def musco_add_matchers(register):
     for matcher in MATCHERS:
         register(matcher)
+
+
+@hookimpl
+def musco_add_statistics(register):
+    for statistic in STATISTICS:
+        register(statistic)
+
+
+@hookimpl
+def musco_add_refiners(register):
+    for refiner in REFINERS:
+        register(refiner)
+
+
+@hookimpl
+def musco_add_costs(register):
+    for cost in COSTS:
+        register(cost)
+
+
+@hookimpl
+def musco_add_gates(register):
+    for gate in GATES:
+        register(gate)

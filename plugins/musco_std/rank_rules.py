@@ -162,7 +162,7 @@ class _Spectral:
     """Mixin of spectrum-based rules: with calibration data they rank the whitened spectrum."""
 
     def needs(self, params) -> frozenset[str]:
-        return frozenset({"input_gram"})
+        return frozenset({"input_gram", "cross_moment"})
 
     def requires_calibration(self, params) -> bool:
         return False

@@ -10,6 +10,7 @@ from torch import nn
 
 from musco_core import Decomposition, LayerStats, UnsupportedLayerError
 from musco_std._conv import checked_compress, working
+from musco_std.statistics import WHITENING_STATISTICS
 
 
 class SVDLinear(nn.Module):
@@ -249,10 +250,17 @@ class SVD(FactorPairSVD, Decomposition):
         return [core_of_product(a, b)]
 
     def needs(self, params: Any) -> frozenset[str]:
-        return frozenset({"input_gram"}) if getattr(params, "whiten", False) else frozenset()
+        return WHITENING_STATISTICS if getattr(params, "whiten", False) else frozenset()
+
+    def compress_ranks(self, module: nn.Module, ranks: list[int], params: Any,
+                       data: Any = None):
+        """:meth:`compress` at each rank; whitened fits share one SVD of the whitened target."""
+        cache: dict = {}
+        for rank in ranks:
+            yield self.compress(module, rank, params, data=data, cache=cache)
 
     def compress(self, module: nn.Module, rank: int, params: Any,
-                 data: Any = None) -> tuple[nn.Module, float]:
+                 data: Any = None, cache: dict | None = None) -> tuple[nn.Module, float]:
         """As the base class, with a finiteness check of the weight and of the factors.
 
         Raises ``ValueError`` when the weight (or a factor, e.g. one that overflowed
@@ -260,20 +268,21 @@ class SVD(FactorPairSVD, Decomposition):
 
         With ``whiten = true`` and the layer's :class:`~musco_core.LayerData`, the
         factors minimise the output error ``|X W^T - X' W'^T|`` on the calibration
-        data instead (:func:`musco_core.datafit.whitened_svd`, in float64): ``X``
+        data instead (:func:`musco_std.datafit.whitened_svd`, in float64): ``X``
         are the original layer's inputs, ``X'`` what the layer sees now. The
         reported error stays the relative *weight* error.
         """
         if data is None or not getattr(params, "whiten", False):
             return checked_compress(self, module, rank, params)
-        from musco_core.datafit import whitened_svd
+        from musco_std.datafit import whitened_svd
 
         weight = self.weight(module).detach()
         if not bool(torch.isfinite(weight).all()):
             raise ValueError("the weight holds NaN or Inf values; nothing to factorize")
-        gram, cross = data.gram.to(weight.device), data.cross.to(weight.device)
+        gram = data["input_gram"].to(weight.device)
+        cross = data["cross_moment"].to(weight.device)
         first, second = whitened_svd(weight.double(), gram, rank, cross=cross,
-                                     damping=params.damping)
+                                     damping=params.damping, cache=cache)
         factors = (first.to(weight.dtype), second.to(weight.dtype))
         if not all(bool(torch.isfinite(f).all()) for f in factors):
             raise ValueError(f"whitened factors at rank {rank} are not finite in "
@@ -285,12 +294,13 @@ class SVD(FactorPairSVD, Decomposition):
 
     def data_rank_matrices(self, module: nn.Module, data: Any, params: Any) -> list[torch.Tensor]:
         """The whitened weight ``W* S`` (``S S^T = G``): its spectrum ranks by output error."""
-        from musco_core.datafit import gram_root, output_target
+        from musco_std.datafit import gram_root, output_target
 
         weight = self.weight(module).detach().double()
         damping = getattr(params, "damping", 1e-2)
-        gram = data.gram.to(weight.device)
-        target = output_target(weight, gram, data.cross.to(weight.device), damping=damping)
+        gram = data["input_gram"].to(weight.device)
+        target = output_target(weight, gram, data["cross_moment"].to(weight.device),
+                               damping=damping)
         root, _ = gram_root(gram, damping=damping)
         return [target @ root]
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from musco_core import Decomposition, LayerStats, relative_error
+from musco_std.statistics import WHITENING_STATISTICS
 from musco_std._conv import (
     cast_factors,
     check_finite,
@@ -310,11 +311,11 @@ class Tucker2(ChannelTucker2, Decomposition):
         return [w.transpose(0, 1).reshape(w.shape[1], -1), w.reshape(w.shape[0], -1)]
 
     def needs(self, params: Any) -> frozenset[str]:
-        return frozenset({"input_gram"}) if getattr(params, "whiten", False) else frozenset()
+        return WHITENING_STATISTICS if getattr(params, "whiten", False) else frozenset()
 
     def _compress_on_data(self, module: nn.Module, rank: tuple[int, int], params: Any,
                           data: Any) -> tuple[nn.Module, float]:
-        """Data-aware Tucker-2 (``whiten = true``): :func:`musco_core.datafit.whitened_tucker2`.
+        """Data-aware Tucker-2 (``whiten = true``): :func:`musco_std.datafit.whitened_tucker2`.
 
         Minimises, over the kernel offsets, the output error of each offset's slice on
         the input channels' statistics (exact for inputs uncorrelated across offsets),
@@ -323,15 +324,15 @@ class Tucker2(ChannelTucker2, Decomposition):
         """
         import functools
 
-        from musco_core.datafit import whitened_tucker2
+        from musco_std.datafit import whitened_tucker2
 
         dtype = self.weight(module).dtype
         weight = working(self.weight(module)).double()
         check_finite(weight)
         fit = functools.partial(tucker2_hooi, n_iter_max=params.n_iter_max, tol=params.tol)
         first, core, last = whitened_tucker2(
-            weight, tuple(rank), data.gram.to(weight.device), fit=fit,
-            cross=data.cross.to(weight.device), damping=params.damping)
+            weight, tuple(rank), data["input_gram"].to(weight.device), fit=fit,
+            cross=data["cross_moment"].to(weight.device), damping=params.damping)
         factors = cast_factors((first, core, last), dtype)
         check_finite_factors(factors, dtype)
         error = relative_error(weight, tucker2_reconstruct(first, core, last))
@@ -339,11 +340,11 @@ class Tucker2(ChannelTucker2, Decomposition):
 
     def data_rank_matrices(self, module: nn.Module, data: Any, params: Any) -> list[torch.Tensor]:
         """Unfoldings of the weight whitened in its input-channel mode (see :meth:`compress`)."""
-        from musco_core.datafit import whiten_input_mode
+        from musco_std.datafit import whiten_input_mode
 
         weight = working(self.weight(module)).double()
-        whitened, _ = whiten_input_mode(weight, data.gram.to(weight.device),
-                                        cross=data.cross.to(weight.device),
+        whitened, _ = whiten_input_mode(weight, data["input_gram"].to(weight.device),
+                                        cross=data["cross_moment"].to(weight.device),
                                         damping=getattr(params, "damping", 1e-2))
         return [whitened.transpose(0, 1).reshape(whitened.shape[1], -1),
                 whitened.reshape(whitened.shape[0], -1)]

@@ -49,8 +49,7 @@ for classification and detection", IEEE TPAMI 38(10) (2016), arXiv:1505.06798
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -218,7 +217,7 @@ def _check_rank(rank: int, weight: torch.Tensor) -> None:
 
 def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
                  cross: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors minimising the layer's (damped) output error.
 
     Truncation-aware whitening (SVD-LLM): with ``S S^T = G + lambda I``
@@ -251,6 +250,10 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
         ``C = X'^T X``; ``None`` means ``C = G``.
     damping : float
         Relative damping, see :func:`damping_value`.
+    cache : dict, optional
+        Fits of the same weight and statistics at several ranks share one SVD
+        through it: pass the same empty dict to each call, and drop it after (it
+        holds the factors). ``None`` keeps nothing.
 
     Returns
     -------
@@ -260,7 +263,7 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
     _check_gram(gram)
     w = _as_f64(weight, gram.shape[0])
     _check_rank(rank, w)
-    u, s, vh, s_inv = _whitened_factors(weight, w, gram, cross, damping)
+    u, s, vh, s_inv = _whitened_factors(weight, w, gram, cross, damping, cache)
     root = s[:rank].sqrt()
     return balance_pair((root[:, None] * vh[:rank]) @ s_inv, u[:, :rank] * root[None, :])
 
@@ -280,40 +283,14 @@ def balance_pair(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tenso
     return first * c[:, None], second / c[None, :]
 
 
-#: Inside :func:`reusing`: the last whitened SVD, ``[key, tensors the key names, (U, s,
-#: Vh, S^-1)]``; ``None`` outside (nothing kept).
-_LAST: list[Any] | None = None
-
-
-@contextmanager
-def reusing() -> Iterator[None]:
-    """Within the block, fits of the same weight and statistics at several ranks share one SVD.
-
-    The ``budget`` rule fits one layer at a grid of ranks in a row; the whitened SVD
-    does not depend on the rank. The entry is dropped when the block ends, so no
-    statistics outlive it. The key names the tensors (storage, shape, dtype, device
-    and in-place version), which are held while the entry lives.
-    """
-    global _LAST
-    previous, _LAST = _LAST, []
-    try:
-        yield
-    finally:
-        _LAST = previous
-
-
-def _whitened_factors(weight, w, gram, cross, damping):
-    def ident(t):
-        return None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device,
-                                       t._version)
-
-    key = (ident(weight), ident(gram), ident(cross), float(damping))
-    if _LAST and _LAST[0] == key:
-        return _LAST[2]
+def _whitened_factors(weight, w, gram, cross, damping, cache=None):
+    """``(U, s, Vh, S^-1)`` of the whitened target; kept in ``cache`` (a dict) for other ranks."""
+    if cache is not None and "factors" in cache:
+        return cache["factors"]
     b, s_inv = _whitener(gram, cross, damping, w.device)
     u, s, vh = torch.linalg.svd(w @ b, full_matrices=False)
-    if _LAST is not None:
-        _LAST[:] = [key, (weight, gram, cross), (u, s, vh, s_inv)]
+    if cache is not None:
+        cache["factors"] = (u, s, vh, s_inv)
     return u, s, vh, s_inv
 
 

@@ -7,7 +7,7 @@ on a random input of the layer's real input shape and caches the result by the
 module's *structure*, so identical layers (the twelve blocks of an encoder, the
 repeated bottlenecks of a ResNet) are timed once::
 
-    from musco_core.latency import LatencyModel
+    from musco_std.latency import LatencyModel
 
     model = LatencyModel(threads=1)
     t_old, t_new = model.speedup(conv, factorized_conv, (1, 64, 56, 56))
@@ -452,3 +452,15 @@ def fastest_rank_near(decomposition: Any, module: nn.Module, stats: Any, rank: A
     best = max(rows, key=score)  # max keeps the first (lowest) rank among equals
     return NearestFastRank(rank=best.rank, candidates=tuple(rows), original_seconds=original)
 
+
+
+def latency_model(run: Any) -> LatencyModel:
+    """The run's shared :class:`LatencyModel` (``run.resources["latency"]``), made on first use.
+
+    ``Compressor(latency=...)`` puts the user's model there; otherwise one is made on
+    the model's device, so every cost and gate of a run times with the same cache.
+    """
+    model = run.resources.get("latency")
+    if model is None:
+        model = run.resources["latency"] = LatencyModel(device=run.device)
+    return model

@@ -1,0 +1,512 @@
+"""The loop: rounds and steps, hooks, saving and resuming through one state path."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from musco_core._util import device_of, progress
+from musco_core.calibration import CalibrationData, LayerData, collect_layer_data, run_batch
+from musco_core.context import RoundContext, RunContext, StepView
+from musco_core.engine.state import RunState, plain_rank
+from musco_core.engine.step import Step
+from musco_core.errors import CompressionError, MuscoWarning, SpecError
+from musco_core.persist import atomic_save, load_state_into, read_state, rebuild
+from musco_core.plan import Plan, build_plan
+from musco_core.registry import Registry, default_registry
+from musco_core.report import LayerReport, RunReport, StepReport
+from musco_core.resolve import resolve_refine, resolve_rules
+from musco_core.spec import Spec, unstructure_params
+from musco_core.stats import eval_mode, param_count
+from musco_core.strategies import Layer
+
+
+class Compressor:
+    """Compresses the layers a :class:`Spec` selects, ``layers_per_step`` layers per :meth:`step`.
+
+    ::
+
+        compressor = musco.Compressor(model, spec, example_inputs=torch.randn(1, 3, 32, 32))
+        while not compressor.done:
+            report = compressor.step()
+            fine_tune(compressor.model)
+
+    :param model: the trained model. By default it is deep-copied and the copy is
+        compressed (``compressor.model``); with ``inplace=True`` ``model`` itself is
+        changed.
+    :param spec: a :class:`Spec`. It is checked against the registry and the model
+        before anything is compressed; problems raise :class:`SpecError`.
+    :param example_inputs: inputs for one forward pass that records each layer's
+        shapes and FLOPs: a tensor, a tuple of positional arguments or a dict of
+        keyword arguments. Layers are measured on them, so use the batch size you
+        want FLOPs reported for.
+    :param calibration: optional calibration data: a re-iterable of batches (a
+        list, a ``DataLoader``), each a tensor, a tuple of positional arguments or a
+        dict of keyword arguments, like ``example_inputs``. Data-aware strategies
+        (``svd`` with ``whiten = true``, ``budget``, refinement) fit each layer's
+        *output* on it; every compressed layer's report then also gives its relative
+        output error. Batches are moved to the model's device; the spec's
+        ``calibration`` table caps how much is used. The data is never saved. With
+        calibration data the compressor keeps a copy of the original model (one
+        more model in memory) whose layer outputs are the targets.
+    :param latency: a :class:`musco_std.latency.LatencyModel` for the ``min_speedup``
+        and ``round_by_speed`` gates and latency budgets; by default one is made on
+        the model's device when a strategy needs it.
+    :param progress: show a progress bar per step; ``None`` shows it when stderr
+        is a terminal.
+    :param registry: the strategy registry; the default one loads the ``musco``
+        entry points.
+    """
+
+    def __init__(self, model: nn.Module, spec: Spec, example_inputs: Any, *,
+                 calibration: Any = None, latency: Any = None, inplace: bool = False,
+                 progress: bool | None = None, registry: Registry | None = None):
+        if not isinstance(spec, Spec):
+            raise TypeError(f"spec must be a musco.Spec, got {type(spec).__name__}")
+        registry = registry or default_registry()
+        rules = resolve_rules(spec, registry)
+        data = self._calibration_data(spec, calibration, device_of(model))
+        work = model if inplace else copy.deepcopy(model)
+        formulas = _formulas(registry)
+        state = RunState.fresh(work, spec, rules, example_inputs, formulas)
+        self._attach(state, work, registry, rules, example_inputs=example_inputs,
+                     data=data, latency=latency, progress=progress, original=work)
+        for warning in self.plan.warnings:
+            warnings.warn(warning, MuscoWarning, stacklevel=2)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], model: nn.Module, *, example_inputs: Any = None,
+                   calibration: Any = None, latency: Any = None, progress: bool | None = None,
+                   registry: Registry | None = None, source: str = "the state") -> Compressor:
+        """Continue a run from :meth:`state_dict` (what :meth:`save` writes).
+
+        :param model: a fresh instance of the original, uncompressed architecture
+            (it is not modified); the saved replacements are rebuilt on a copy of it
+            and the saved weights loaded. With ``calibration`` it is also the
+            original whose layer outputs data-aware strategies fit.
+        :param calibration: the calibration data again (it is never saved); needed
+            when the spec's strategies need data.
+        """
+        registry = registry or default_registry()
+        spec = Spec.from_dict(state["spec"])
+        rules = resolve_rules(spec, registry)
+        data = cls._calibration_data(spec, calibration, None)
+        work = copy.deepcopy(model)
+        rebuild(work, state["manifest"], registry)
+        load_state_into(work, state["model"], source)
+        if data is not None:
+            data.device = device_of(work)
+        self = cls.__new__(cls)
+        self._attach(RunState.from_dict(state, spec, model), work, registry, rules,
+                     example_inputs=example_inputs, data=data, latency=latency,
+                     progress=progress, original=model)
+        return self
+
+    @classmethod
+    def resume(cls, path: str | Path, model: nn.Module, **options: Any) -> Compressor:
+        """Continue a run saved with :meth:`save` (options as :meth:`from_state`)."""
+        return cls.from_state(read_state(path), model, source=str(path), **options)
+
+    @staticmethod
+    def _calibration_data(spec: Spec, calibration: Any, device: Any) -> CalibrationData | None:
+        if calibration is None:
+            return None
+        return CalibrationData(calibration, max_batches=spec.calibration.max_batches,
+                               max_samples=spec.calibration.max_samples, device=device)
+
+    def _attach(self, state: RunState, model: nn.Module, registry: Registry, rules: Any, *,
+                example_inputs: Any, data: CalibrationData | None, latency: Any,
+                progress: bool | None, original: nn.Module) -> None:
+        """Everything both construction paths share, after the state is known."""
+        self.registry = registry
+        self.rules = rules
+        self.refiner = resolve_refine(state.spec, registry)
+        self.state = state
+        self.flop_formulas = _formulas(registry)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._check_data_needs(data is not None)
+        self.model = model
+        self.example_inputs = example_inputs
+        #: Objects the run's strategies share (the latency model under ``"latency"``).
+        self.resources: dict[str, Any] = {"latency": latency}
+        self.calibration = data
+        #: The reference model data-aware fits aim at (``Calibration.reference``).
+        self.original: nn.Module | None = None
+        if data is not None:
+            self._check_calibration(data)
+            if state.spec.calibration.reference != "step":
+                self.original = _frozen_copy(original).to(device_of(model))
+        self._fingerprint = _fingerprint(model)
+
+    # -- the state, as attributes --------------------------------------------------------
+
+    spec = property(lambda self: self.state.spec)
+    plan = property(lambda self: self.state.plan)
+    stats = property(lambda self: self.state.stats)
+    manifest = property(lambda self: self.state.manifest)
+    reports = property(lambda self: self.state.reports)
+    position = property(lambda self: self.state.position)
+    joint_ranks = property(lambda self: self.state.joint_ranks)
+    joint_tables = property(lambda self: self.state.joint_tables)
+    model_params_before = property(lambda self: self.state.model_params_before)
+    model_flops_before = property(lambda self: self.state.model_flops_before)
+    model_flops_now = property(lambda self: self.state.model_flops_now)
+
+    @property
+    def latency(self) -> Any:
+        """The run's latency model (``None`` until a strategy needs one, unless given)."""
+        return self.resources.get("latency")
+
+    @latency.setter
+    def latency(self, value: Any) -> None:
+        self.resources["latency"] = value
+
+    def _check_data_needs(self, have_data: bool) -> None:
+        """A strategy that cannot work without calibration data is a spec error up front."""
+        if have_data:
+            return
+        problems = []
+        for rule in self.rules:
+            bounds = [(rule.decomposition, "decomposition"), (rule.rank, "rank")]
+            bounds += [(g, f"gates[{j}]") for j, g in enumerate(rule.gates)]
+            for bound, path in bounds:
+                if bound.strategy.requires_calibration(bound.params):
+                    problems.append(
+                        f"{bound.name!r} needs calibration data with these parameters; pass "
+                        f"Compressor(..., calibration=batches) @ $.rules[{rule.index}].{path}")
+        if self.refiner is not None:
+            problems.append("local refinement needs calibration data; pass "
+                            "Compressor(..., calibration=batches) or leave refine out @ $.refine")
+        if problems:
+            raise SpecError(problems)
+
+    def _check_calibration(self, data: CalibrationData) -> None:
+        """Run the first calibration batch once, so bad data fails before anything changes."""
+        for index, batch in enumerate(data):
+            with torch.no_grad(), eval_mode(self.model):
+                run_batch(self.model, batch, index, "the model")
+            return
+        raise ValueError("the calibration data is empty: pass at least one batch")
+
+    # -- saving --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: spec, plan, position, manifest, stats, reports,
+        joint rules' ranks and tables, weights. Plain data and tensors only (no pickled
+        classes). Calibration data is not saved."""
+        return self.state.to_dict(self.model)
+
+    to_state = state_dict
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (temporary file, then rename).
+
+        Save after fine-tuning a step: :meth:`resume` continues from here, and
+        :func:`musco_core.load_compressed` rebuilds the compressed model from it.
+        """
+        atomic_save(self.state_dict(), path)
+
+    def report(self) -> RunReport:
+        """The whole run so far: every step's report and the totals (see :class:`RunReport`)."""
+        return RunReport(steps=tuple(self.reports), model_params_before=self.model_params_before,
+                         model_params_after=param_count(self.model),
+                         model_flops_before=self.model_flops_before,
+                         model_flops_after=self.model_flops_now)
+
+    @property
+    def done(self) -> bool:
+        """Whether every step of every round has run."""
+        return self.position >= len(self.plan.steps) and self.plan.round >= self.spec.rounds
+
+    @property
+    def hook(self):
+        return self.registry.pm.hook
+
+    def view(self) -> StepView:
+        """A read-only snapshot of the run for hooks."""
+        return StepView(model=self.model, spec=self.spec, plan=self.plan,
+                        position=self.position, reports=tuple(self.reports),
+                        manifest=tuple(self.manifest))
+
+    def context(self) -> RunContext:
+        """The context refiners, gates, costs and joint rules get for the current step."""
+        return RunContext(
+            model=self.model, example_inputs=self.example_inputs, stats=self.stats,
+            calibration=self.calibration, reference=self.original,
+            costs={n: e.strategy for n, e in self.registry.entries["costs"].items()},
+            statistics={n: e.strategy for n, e in self.registry.entries["statistics"].items()},
+            resources=self.resources, show_progress=self.progress,
+            model_flops=self.model_flops_now)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _replan_if_new_round(self) -> None:
+        """Plan the next round on the model as it is now, when the next step starts one.
+
+        Later rounds were projected (each rule keeping its layers); planning them for
+        real lets rules match the factorized layers. Raises :class:`SpecError`
+        without changing anything.
+        """
+        state = self.state
+        steps = state.plan.steps
+        while state.plan.round < self.spec.rounds and (
+            state.position >= len(steps) or steps[state.position][0][0] > state.plan.round
+        ):
+            compressed_by = {e["name"]: e["rule"] for e in state.manifest}
+            rnd = state.plan.round + 1
+            new = build_plan(self.model, self.spec, self.rules, state.stats, rnd, compressed_by)
+            state.plan = Plan(entries=new.entries, steps=steps[: state.position] + new.steps,
+                              round=rnd, warnings=new.warnings)
+            state.joint_ranks = {}
+            state.joint_tables = {}
+            steps = state.plan.steps
+
+    def step(self) -> StepReport:
+        """Compress the next ``layers_per_step`` layers of the plan; mutates :attr:`model`.
+
+        The step is atomic: every new module is built, checked, measured (and, with
+        calibration data, fitted and refined) before any is swapped in, so if a
+        layer fails (a plugin raises, a shape check fails, the user interrupts) the
+        model is exactly as it was and :class:`CompressionError` names the layer
+        and the strategy. Layers whose rank rule chooses not to compress them,
+        whose rank would not make them smaller, or that a gate drops (``min_speedup``)
+        are reported as skipped.
+        """
+        if self.done:
+            raise RuntimeError(
+                f"compression is done: all {len(self.plan.steps)} steps have run "
+                "(check compressor.done before calling step())"
+            )
+        self._replan_if_new_round()
+        state = self.state
+        index = state.position
+        if index >= len(state.plan.steps):  # the remaining rounds matched no layer
+            report = StepReport(step=index, layers=(), **self._model_totals(0, 0))
+            state.reports.append(report)
+            return report
+        work = state.plan.steps[index]
+        names = [n for _, n in work]
+        self.hook.musco_step_started(context=self.view(), step=index, layers=names,
+                                     compressor=self)
+        started = time.perf_counter()
+        try:
+            if self.calibration is not None:
+                self._refresh_reference()
+            step = Step(self, index, work)
+            entries = step.execute()
+        except BaseException as exc:
+            self.hook.musco_step_failed(context=self.view(), step=index, error=exc,
+                                        compressor=self)
+            raise
+        # Commit: nothing below can fail halfway.
+        state.manifest.extend(entries)
+        self._fingerprint = _fingerprint(self.model)
+        saved = 0
+        for name, built in step.built.items():
+            saved += state.stats[name].flops - built.stats.flops
+            state.stats[name] = built.stats
+        flops_before = state.model_flops_now
+        state.model_flops_now -= saved
+        state.position += 1
+        report = StepReport(step=index, layers=tuple(step.reports[n] for n in names),
+                            seconds=time.perf_counter() - started,
+                            **self._model_totals(flops_before, state.model_flops_now),
+                            **step.step_fields)
+        state.reports.append(report)
+        self._call_isolated("musco_step_finished", index, context=self.view(), step=index,
+                            report=report, compressor=self)
+        if report.model_params_after > self.model_params_before:
+            warnings.warn(
+                f"the compressed model has more parameters ({report.model_params_after}) than "
+                f"the original ({self.model_params_before}); check the ranks", MuscoWarning,
+                stacklevel=2)
+        return report
+
+    def _refresh_reference(self) -> None:
+        """Take the model as it is now as the reference, if ``Calibration.reference`` says so."""
+        mode = self.spec.calibration.reference
+        changed = self._fingerprint is not None and _fingerprint(self.model) != self._fingerprint
+        if mode == "step" or (mode == "auto" and changed) or self.original is None:
+            self.original = None  # free the old copy first
+            self.original = _frozen_copy(self.model)
+            self._fingerprint = _fingerprint(self.model)
+
+    def _model_totals(self, flops_before: int, flops_after: int) -> dict[str, int]:
+        params = param_count(self.model)
+        before = self.reports[-1].model_params_after if self.reports else self.model_params_before
+        return {"model_params_before": before, "model_params_after": params,
+                "model_flops_before": flops_before or self.model_flops_now,
+                "model_flops_after": flops_after or self.model_flops_now}
+
+    def _call_isolated(self, name: str, index: int, **kwargs: Any) -> None:
+        """Call hook ``name`` through pluggy, one plugin's implementation at a time.
+
+        Wrappers (``wrapper=True``) wrap each call; ``tryfirst``/``trylast`` order
+        holds. A raising implementation becomes a :class:`MuscoWarning` naming its
+        plugin: the step is committed by then, so it must not look failed.
+        """
+        caller = getattr(self.hook, name)
+        impls = caller.get_hookimpls()
+        plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
+        calls = [(i.plugin_name, self.registry.pm.subset_hook_caller(
+            name, remove_plugins=[o.plugin for o in plain if o.plugin is not i.plugin]))
+            for i in reversed(plain)] or [(None, caller)]
+        for plugin_name, call in calls:
+            try:
+                call(**kwargs)
+            except Exception as exc:
+                warnings.warn(
+                    f"hook {name} of plugin {plugin_name!r} raised {type(exc).__name__}: "
+                    f"{exc}; step {index} is committed all the same", MuscoWarning,
+                    stacklevel=3)
+
+    def manifest_entry(self, report: LayerReport) -> dict[str, Any]:
+        """The manifest entry of a layer compressed in this step (plain data)."""
+        rule = self.plan.entry(report.name).rule
+        params = self.rules[rule].decomposition.params
+        return {"name": report.name, "round": report.round, "rule": rule,
+                "decomposition": report.decomposition, "rank": plain_rank(report.rank),
+                "params": unstructure_params(params)}
+
+    def preview(self) -> list[LayerReport]:
+        """What the current round would do, without changing anything.
+
+        One :class:`LayerReport` per planned layer with status ``"planned"``: the
+        rank the rule chooses now and the decomposition's parameter and FLOP
+        counts at that rank (nothing is decomposed, so there is no error), or
+        ``"skipped"`` with the reason. Layers the plan skipped (unsupported, tied
+        weights) are listed too, and the layers of later rounds (status ``"later"``).
+        Joint rules (``budget``) choose their ranks here if they have not yet, which
+        measures the model on the calibration data.
+        """
+        rows = []
+        self.ensure_joint_ranks(list(self.plan.layers))
+        step = Step(self, self.position, [])
+        for entry in self.plan.entries:
+            if entry.status == "skipped":
+                stats = self.stats.get(entry.name)
+                rows.append(LayerReport(
+                    name=entry.name, round=self.plan.round, decomposition=entry.decomposition,
+                    rank_rule=entry.rank_rule, status="skipped", reason=entry.reason,
+                    params_before=stats.params if stats else 0,
+                    params_after=stats.params if stats else 0,
+                    flops_before=stats.flops if stats else 0,
+                    flops_after=stats.flops if stats else 0))
+                continue
+            if entry.status != "compress":
+                continue
+            choice = step.choose(self.plan.round, entry.name)
+            if choice.skipped is not None:
+                rows.append(choice.skipped)
+                continue
+            decomposition = choice.rule.decomposition.strategy
+            rows.append(LayerReport(
+                status="planned", rank=choice.rank,
+                params_after=decomposition.param_count(choice.module, choice.rank),
+                flops_after=decomposition.flop_count(choice.module, choice.rank, choice.stats),
+                **choice.base))
+        for rnd, name, index in self.plan.later:
+            rule = self.rules[index]
+            stats = self.stats[name]
+            rows.append(LayerReport(
+                name=name, round=rnd, decomposition=rule.decomposition.name,
+                rank_rule=rule.rank.name, status="later", params_before=stats.params,
+                params_after=stats.params, flops_before=stats.flops, flops_after=stats.flops,
+                reason=f"round {rnd}: its rank is chosen when the round starts, on the "
+                       "factorized layer"))
+        return rows
+
+    def progress_over(self, work: list[tuple[int, str]], index: int):
+        """The step's layers, with a progress bar when shown and there are several."""
+        return progress(work, self.progress and len(work) >= 2, f"musco step {index}",
+                        unit="layer")
+
+    # -- joint rank rules and data -------------------------------------------------------
+
+    def ensure_joint_ranks(self, names: list[str]) -> None:
+        """Let each joint rule of the current round choose the ranks of all its layers, once."""
+        state = self.state
+        for rule in self.rules:
+            if not rule.rank.strategy.joint or rule.index in state.joint_ranks:
+                continue
+            if not any(self.plan.entry(n).rule == rule.index for n in names):
+                continue
+            layers = [Layer(e.name, self.model.get_submodule(e.name), self.stats[e.name],
+                            self.plan.round)
+                      for e in self.plan.entries if e.status == "compress" and e.rule == rule.index]
+            context = RoundContext(self.context(), rule.decomposition.strategy,
+                                   rule.decomposition.params, rule.rank.limits,
+                                   rule.rank.strategy.rounding)
+            label = f"rank rule {rule.rank.name!r}"
+            try:
+                ranks = rule.rank.strategy.select_joint(
+                    layers, rule.decomposition.strategy, rule.rank.params, context)
+            except Exception as exc:
+                raise CompressionError(
+                    f"{label} failed to choose the ranks of rule {rule.index}: "
+                    f"{type(exc).__name__}: {exc}; the model is unchanged", strategy=label
+                ) from exc
+            missing = [layer.name for layer in layers if layer.name not in ranks]
+            if missing:
+                raise CompressionError(f"{label} chose no rank for layer {missing[0]!r}",
+                                       layer=missing[0], strategy=label)
+            state.joint_ranks[rule.index] = dict(ranks)
+            if context.table is not None:
+                state.joint_tables[rule.index] = context.table
+
+    def _needs(self, name: str) -> frozenset[str]:
+        rule = self.rules[self.plan.entry(name).rule]
+        needs = (rule.decomposition.strategy.needs(rule.decomposition.params)
+                 | rule.rank.strategy.needs(rule.rank.params))
+        for gate in rule.gates:
+            needs |= gate.strategy.needs(gate.params)
+        return needs
+
+    def layer_data(self, names: list[str]) -> dict[str, LayerData]:
+        """The statistics named by the strategies of ``names``, for the layers that need any.
+
+        Collected now, on the model as it is (earlier steps compressed and maybe
+        fine-tuned), beside the reference model: one pass over the calibration data.
+        """
+        if self.calibration is None:
+            return {}
+        table = self.registry.entries["statistics"]
+        wanted = {}
+        for name in names:
+            needs = self._needs(name)
+            if needs:
+                rule = self.rules[self.plan.entry(name).rule]
+                wanted[name] = (self.model.get_submodule(name), rule.decomposition.strategy,
+                                {n: table[n].strategy for n in sorted(needs)})
+        if not wanted:
+            return {}
+        assert self.original is not None
+        return collect_layer_data(self.original, self.model, self.calibration, wanted)
+
+
+def _formulas(registry: Registry) -> tuple[tuple[Any, Any], ...]:
+    """The plugins' FLOP formulas as ``(module types, formula)`` pairs for the FLOP counter."""
+    entries = registry.entries["flop_formulas"]
+    return tuple((e.strategy.module_types, e.strategy.flops)
+                 for n, e in sorted(entries.items()) if n == e.name)
+
+
+def _fingerprint(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Storage and in-place version of every parameter and buffer: training changes them."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return {name: (t.data_ptr(), t._version) for name, t in tensors}
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with gradients off: the original the data-aware fits aim at."""
+    copy_ = copy.deepcopy(model).eval()
+    for p in copy_.parameters():
+        p.requires_grad_(False)
+    return copy_
