@@ -17,7 +17,6 @@ from musco_core.errors import (  # noqa: E402
     SpecError,
     UnsupportedLayerError,
 )
-from musco_core.calibration import LayerData  # noqa: E402
 from musco_core.stats import LayerStats  # noqa: E402
 from musco_core.strategies import (  # noqa: E402
     Cost,
@@ -38,32 +37,36 @@ from musco_core.strategies import (  # noqa: E402
 )
 from musco_core.registry import Registry, available, default_registry  # noqa: E402
 from musco_core.spec import Calibration, Decompose, Gate, Match, RankRule, Refine, Rule, Spec  # noqa: E402
-from musco_core.context import RoundContext, RunContext, StepView  # noqa: E402
 from musco_core.report import LayerReport, RunReport, StepReport  # noqa: E402
 from musco_core.plan import Plan, PlanEntry  # noqa: E402
 from musco_core.engine import Compressor  # noqa: E402
-from musco_core.persist import StateFileError, load_compressed  # noqa: E402
+from musco_core.engine.state import StepView  # noqa: E402
 
-# Adapters stay off the plain-run import path: the fine-tuning helpers are loaded from
-# musco_core.finetune on first use (PEP 562), so ``import musco_core`` does not import it.
-_FINETUNE = frozenset({
-    "compress_step", "parameter_names", "rebuild_optimizer", "retarget_schedulers",
-    "stale_parameters",
-})
+# What a plain run does not use is loaded on first use (PEP 562), so ``import musco_core``
+# loads neither the adapters (fine-tuning helpers) nor the data-aware and persistence
+# machinery: ``musco_core.LayerData`` and ``from musco_core import RunContext`` still work.
+_LAZY = {
+    "compress_step": "finetune", "parameter_names": "finetune",
+    "rebuild_optimizer": "finetune", "retarget_schedulers": "finetune",
+    "stale_parameters": "finetune",
+    "LayerData": "calibration",
+    "RoundContext": "context", "RunContext": "context",
+    "StateFileError": "persist", "load_compressed": "persist",
+}
 
 
 def __getattr__(name: str):
-    if name in _FINETUNE:
-        from musco_core import finetune
+    if name in _LAZY:
+        import importlib
 
-        value = getattr(finetune, name)
+        value = getattr(importlib.import_module(f"musco_core.{_LAZY[name]}"), name)
         globals()[name] = value  # later look-ups skip __getattr__
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _FINETUNE)
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __version__ = "0.1.0"

@@ -1,6 +1,5 @@
 """What strategies and hooks see of a run: narrow, documented contexts, never the engine.
 
-- :class:`StepView` — a read-only snapshot for the step hooks.
 - :class:`RunContext` — handed to refiners, gates and costs: the model, the
   reference it is fitted to, the calibration stream, shared resources, progress,
   and the one output-error measurement.
@@ -23,19 +22,6 @@ from musco_core.errors import SpecError
 from musco_core.stats import LayerStats, eval_mode, param_count, run_model
 from musco_core.strategies import Cost, Decomposition, Layer, Rank, Statistic
 from musco_core.surgery import standing_in
-
-
-@attrs.frozen
-class StepView:
-    """A read-only view of a run for the step hooks: do not change what it holds."""
-
-    model: nn.Module
-    spec: Any
-    plan: Any
-    #: Steps done so far (the index of the next step).
-    position: int
-    reports: tuple[Any, ...]
-    manifest: tuple[Any, ...]
 
 
 class _AllEval:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from musco_core.context import StepView
     from musco_core.engine import Compressor
+    from musco_core.engine.state import StepView
     from musco_core.report import StepReport
 
 hookspec = pluggy.HookspecMarker("musco")

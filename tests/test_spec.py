@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import attrs
 import pytest
 import torch
 from hypothesis import given
@@ -10,6 +13,9 @@ from torch import nn
 
 import musco_core as musco
 from musco_core import Decompose, Match, RankRule, Rule, Spec, SpecError
+from musco_core.resolve import resolve_refine, resolve_rules
+from musco_core.spec import Gate, Refine
+from musco_core.strategies import GateStrategy, Refiner, Statistic
 
 
 def make_spec(**overrides) -> Spec:
@@ -53,15 +59,29 @@ ranks = st.one_of(
     st.builds(lambda a, b: RankRule("fixed", ranks={"x.y": (a, b), "z": 3}),
               st.integers(1, 8), st.integers(1, 8)),
 )
+gates = st.one_of(
+    st.sampled_from(["min_speedup", "round_by_speed"]),
+    st.builds(lambda f: Gate("min_speedup", factor=f), st.floats(1.0, 4.0)),
+    st.builds(lambda m: Gate("round_by_speed", multiple=m), st.integers(1, 64)),
+)
+refines = st.one_of(
+    st.none(),
+    st.sampled_from(["layer_output", "model_output"]).map(Refine),
+    st.builds(lambda n, steps, lr: Refine(n, steps=steps, lr=lr),
+              st.sampled_from(["layer_output", "model_output"]), st.integers(0, 500),
+              st.floats(1e-6, 1.0)),
+)
 specs = st.builds(
     Spec,
     rules=st.lists(
         st.builds(Rule, match=st.lists(st.one_of(names, globs), min_size=1, max_size=3),
-                  decomposition=st.just("svd"), rank=ranks),
+                  decomposition=st.just("svd"), rank=ranks,
+                  gates=st.lists(gates, max_size=2)),
         min_size=1, max_size=3),
     exclude=st.lists(st.sampled_from(["fc", "head.*", "*.bn"]), max_size=2),
     layers_per_step=st.integers(1, 10),
     rounds=st.integers(1, 3),
+    refine=refines,
 )
 
 
@@ -177,10 +197,18 @@ def test_bad_json_and_non_utf8_files_are_spec_errors(tmp_path):
     (("rules",), "abc", r"expected a list, got 'abc' @ \$\.rules"),
     (("rules", 0, "unsupported"), 1, r"expected a string, got 1 @ \$\.rules\[0\]\.unsupported"),
     (("rules", 0, "min_speedup"), "2", r"expected a number, got '2' @ \$\.rules\[0\]\.min_speedup"),
+    (("rules", 0, "round_by_speed"), 2.0, r"expected an integer, got 2\.0 @ \$\.rules\[0\]\.round_by_speed"),
+    (("rules", 0, "gates"), 3, r"expected a list, got 3 @ \$\.rules\[0\]\.gates"),
+    (("rules", 0, "gates"), ["min_speedup", 3],
+     r"expected a name or a table with 'name', got 3 @ \$\.rules\[0\]\.gates\[1\]"),
     (("exclude",), {"a": 1}, r"expected a glob pattern or a list of them, got \{'a': 1\} @ \$\.exclude"),
     (("calibration",), {"max_batches": 2.5}, r"expected an integer, got 2\.5 @ \$\.calibration\.max_batches"),
     (("refine",), {"lr": "0.1"}, r"expected a number, got '0\.1' @ \$\.refine\.lr"),
-    (("refine",), 3, r"expected a table \(mapping\) for Refine, got 3 @ \$\.refine"),
+    (("refine",), 3, r"expected a refiner name or a table \(mapping\) for Refine, got 3 @ \$\.refine"),
+    (("refine",), {"name": 3}, r"a table for a Refine needs a 'name' key .* @ \$\.refine"),
+    (("refine",), {"steps": 2, "scope": "net"}, r"'scope' must be in \('layer', 'model'\) "
+                                                 r"\(got 'net'\) @ \$\.refine"),
+    (("refine",), {"stpes": 2}, r"unknown key 'stpes'; did you mean 'steps'\? .*@ \$\.refine"),
 ])
 def test_values_are_not_coerced(path, value, message):
     data = make_spec().to_dict()
@@ -192,14 +220,17 @@ def test_values_are_not_coerced(path, value, message):
         Spec.from_dict(data)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_an_int_is_accepted_where_a_float_is():
     data = make_spec().to_dict()
     data["rules"][0]["min_speedup"] = 1
-    data["refine"] = {"lr": 1}
+    data["refine"] = {"steps": 1, "lr": 1}
     spec = Spec.from_dict(data)
-    assert spec.rules[0].min_speedup == 1.0 and isinstance(spec.rules[0].min_speedup, float)
-    assert spec.refine.lr == 1.0 and isinstance(spec.refine.lr, float)
-    assert Rule(match="linear", decomposition="svd", rank="fixed", min_speedup=2).min_speedup == 2.0
+    (gate,) = spec.rules[0].gates
+    assert gate == Gate("min_speedup", factor=1.0) and isinstance(gate.params["factor"], float)
+    assert isinstance(spec.refine.params["lr"], float) and spec.refine.params["lr"] == 1.0
+    rule = Rule(match="linear", decomposition="svd", rank="fixed", min_speedup=2)
+    assert isinstance(rule.gates[0].params["factor"], float)
 
 
 def test_spec_params_are_immutable_and_compare_like_dicts():
@@ -331,3 +362,286 @@ def test_spec_validate_without_a_model():
     make_spec().validate()
     with pytest.raises(SpecError, match="unknown decomposition 'tuker2'"):
         Spec(rules=[Rule(match="conv_kxk", decomposition="tuker2", rank="fixed")]).validate()
+
+
+# -- gates and refiners: the new forms, the deprecated ones, the registry checks -----------------
+
+
+RULE = dict(match="linear", decomposition="svd", rank=RankRule("param_reduction", rate=2.0))
+
+
+def test_gates_and_refine_round_trip_in_the_new_form():
+    spec = make_spec(rules=[Rule(**RULE, gates=["min_speedup",
+                                                Gate("round_by_speed", multiple=8)])],
+                     refine=Refine("model_output", steps=200, lr=1e-3))
+    data = spec.to_dict()
+    assert data["rules"][0]["gates"] == ["min_speedup", {"name": "round_by_speed", "multiple": 8}]
+    assert data["refine"] == {"name": "model_output", "steps": 200, "lr": 1e-3}
+    assert not {"min_speedup", "round_by_speed"} & set(data["rules"][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new forms are not deprecated
+        assert Spec.from_dict(data) == spec
+        assert Spec.from_toml(spec.to_toml()) == spec
+    assert "refine" not in make_spec().to_dict() and make_spec().refine is None
+    assert make_spec(refine="layer_output").refine == Refine("layer_output")
+    assert Spec.from_dict({**make_spec().to_dict(), "refine": "layer_output"}).refine == \
+        Refine("layer_output")
+    assert repr(Gate("min_speedup", factor=1.2)) == "Gate('min_speedup', factor=1.2)"
+
+
+def test_gates_in_every_form():
+    text = """
+refine = { name = "model_output", steps = 200 }
+
+[[rules]]
+match = "linear"
+decomposition = "svd"
+rank = { name = "param_reduction", rate = 2.0 }
+gates = ["round_by_speed", { name = "min_speedup", factor = 1.2 }]
+"""
+    spec = Spec.from_toml(text)
+    assert spec.rules[0].gates == (Gate("round_by_speed"), Gate("min_speedup", factor=1.2))
+    assert spec.refine == Refine("model_output", steps=200)
+    assert Rule(**RULE, gates="min_speedup").gates == (Gate("min_speedup"),)
+    assert Rule(**RULE, gates=[{"name": "min_speedup", "factor": 2.0}]).gates == \
+        (Gate("min_speedup", factor=2.0),)
+    yaml = pytest.importorskip("yaml")
+    assert Spec.from_yaml(yaml.safe_dump(spec.to_dict())) == spec
+    with pytest.raises(TypeError):
+        Rule(**RULE, gates=[3])
+
+
+def test_legacy_rule_options_load_as_gates_with_a_warning():
+    new = Rule(**RULE, gates=[Gate("round_by_speed", multiple=8), Gate("min_speedup", factor=1.2)])
+    with pytest.warns(DeprecationWarning) as record:
+        old = Rule(**RULE, min_speedup=1.2, round_by_speed=8)
+    assert old == new and old.min_speedup is None and old.round_by_speed is None
+    messages = [str(w.message) for w in record]
+    assert any("Rule(min_speedup=1.2)" in m and "Gate('min_speedup', factor=1.2)" in m
+               and 'gates = [{ name = "min_speedup", factor = 1.2 }]' in m for m in messages)
+    assert any("Gate('round_by_speed', multiple=8)" in m for m in messages)
+    assert all(w.filename == __file__ for w in record)  # points at the caller
+    with pytest.warns(DeprecationWarning, match="min_speedup"):
+        assert Rule(**RULE, min_speedup=1.2) == Rule(**RULE, gates=[Gate("min_speedup", factor=1.2)])
+    with pytest.warns(DeprecationWarning):  # appended after the gates given
+        assert Rule(**RULE, gates=["x"], min_speedup=2).gates == (Gate("x"),
+                                                                   Gate("min_speedup", factor=2.0))
+    text = make_spec(rules=[new]).to_toml()
+    legacy = text.replace('gates = [\n    { name = "round_by_speed", multiple = 8 },\n'
+                          '    { name = "min_speedup", factor = 1.2 },\n]',
+                          "min_speedup = 1.2\nround_by_speed = 8")
+    assert legacy != text
+    with pytest.warns(DeprecationWarning) as record:
+        spec = Spec.from_toml(legacy)
+    assert len(record) == 2 and all(w.filename == __file__ for w in record)
+    assert spec == make_spec(rules=[new]) and spec.to_toml() == text
+    with pytest.raises(ValueError, match="'min_speedup' must be > 0"):
+        Rule(**RULE, min_speedup=-1.0)
+    with pytest.raises(ValueError, match="'round_by_speed' must be a positive int"):
+        Rule(**RULE, round_by_speed=0)
+    for key, value, message in (
+            ("min_speedup", 0, "'min_speedup' must be > 0.0: 0.0 @ $.rules[0]"),
+            ("round_by_speed", -8, "'round_by_speed' must be a positive int or None, got -8 "
+                                   "@ $.rules[0]")):
+        data = make_spec().to_dict()
+        data["rules"][0][key] = value
+        with pytest.raises(SpecError) as excinfo:
+            Spec.from_dict(data)
+        assert excinfo.value.problems == [message]
+
+
+def test_legacy_refine_loads_as_a_named_refiner_with_a_warning():
+    with pytest.warns(DeprecationWarning) as record:
+        old = Refine(steps=200, scope="model")
+    assert old == Refine("model_output", steps=200) and not old.off
+    (message,) = [str(w.message) for w in record]
+    assert message == ("Refine(steps=200, scope='model') is deprecated; write "
+                       "Refine('model_output', steps=200) (in TOML: refine = "
+                       '{ name = "model_output", steps = 200 })')
+    assert record[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="layer_output"):
+        old = Refine(steps=10, lr=1e-3, seconds=5, seed=3)
+    assert old == Refine("layer_output", steps=10, lr=1e-3, seconds=5.0, seed=3)
+    for off in ({}, {"steps": 0}, {"steps": 0, "scope": "model"}, {"lr": 1e-3}):
+        with pytest.warns(DeprecationWarning, match="refinement is off"):
+            assert make_spec(refine=Refine(**off)).refine is None
+    with pytest.raises(ValueError, match="'scope' must be in"):
+        Refine(steps=2, scope="net")
+    with pytest.raises(ValueError, match="'steps' must be >= 0"):
+        Refine(steps=-1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stpes'; did you mean 'steps'"):
+        Refine(stpes=2)
+
+
+def test_legacy_refine_tables_load_in_every_form(tmp_path):
+    base = make_spec().to_toml()
+    with pytest.warns(DeprecationWarning) as record:
+        spec = Spec.from_toml(base + '\n[refine]\nsteps = 200\nscope = "model"\n')
+    assert spec == make_spec(refine=Refine("model_output", steps=200))
+    (message,) = [str(w.message) for w in record]
+    assert 'write refine = { name = "model_output", steps = 200 }' in message
+    assert "Refine('model_output', steps=200)" in message
+    assert spec.to_dict()["refine"] == {"name": "model_output", "steps": 200}
+    with pytest.warns(DeprecationWarning, match="refinement is off"):
+        assert Spec.from_toml(base + "\n[refine]\nlr = 0.01\n").refine is None
+    yaml = pytest.importorskip("yaml")
+    with pytest.warns(DeprecationWarning):
+        spec = Spec.from_yaml(yaml.safe_dump({**make_spec().to_dict(),
+                                              "refine": {"steps": 5, "scope": "layer"}}))
+    assert spec.refine == Refine("layer_output", steps=5)
+    path = tmp_path / "spec.json"
+    path.write_text('{"rules": [{"match": "linear", "decomposition": "svd", "rank": "fixed"}],'
+                    ' "refine": {"steps": 1, "scope": "layer", "seed": 1.5}}')
+    with pytest.raises(SpecError, match=r"spec\.json: expected an integer, got 1\.5 @ \$\.refine\.seed"):
+        Spec.load(path)
+
+
+def test_unknown_gate_and_refiner_names_are_spec_errors_with_suggestions():
+    spec = make_spec(rules=[Rule(**RULE, gates=[Gate("min_speedup", factor=1.1),
+                                                Gate("round_by_sped", multiple=8)])],
+                     refine=Refine("model_outptu", steps=2))
+    with pytest.raises(SpecError) as excinfo:
+        spec.validate()
+    text = problems_of(excinfo)
+    assert "unknown gate 'round_by_sped'; did you mean 'round_by_speed'?" in text
+    assert "@ $.rules[0].gates[1]" in text
+    assert "unknown refiner 'model_outptu'; did you mean 'model_output'? " in text
+    assert text.endswith("@ $.refine")
+    assert len(excinfo.value.problems) == 2
+    make_spec(rules=[Rule(**RULE, gates=[Gate("min_speedup", factor=1.1)])],
+              refine=Refine("layer_output", steps=1)).validate()
+    with pytest.raises(SpecError, match=r"required key missing @ \$\.rules\[0\]\.gates\[0\]\.factor"):
+        make_spec(rules=[Rule(**RULE, gates=["min_speedup"])]).validate()
+
+
+def test_first_party_gates_and_refiners_bind():
+    spec = make_spec(rules=[Rule(**RULE, gates=[Gate("round_by_speed", multiple=8),
+                                                Gate("min_speedup", factor=1.2)])],
+                     refine=Refine("model_output", steps=3))
+    (rule,) = resolve_rules(spec)
+    assert [g.name for g in rule.gates] == ["round_by_speed", "min_speedup"]
+    assert rule.gates[1].params.factor == 1.2 and rule.gates[0].params.multiple == 8
+    refiner = resolve_refine(spec)
+    assert refiner.name == "model_output" and refiner.params.steps == 3
+    assert resolve_refine(make_spec(refine=Refine("model_output", steps=0))) is None
+    assert resolve_refine(make_spec()) is None
+    bad = make_spec(refine=Refine("layer_output", stpes=3))
+    with pytest.raises(SpecError, match=r"unknown key 'stpes'; did you mean 'steps'\?.* @ \$\.refine"):
+        bad.validate()
+
+
+# A test plugin: a decomposition that needs statistics, a statistic, a gate and a refiner.
+
+
+class _NeedyDecomposition(musco.Decomposition):
+    name = "needy_svd"
+    module_types = (nn.Linear,)
+
+    @attrs.frozen
+    class Params:
+        need: str = "input_abs_mean"
+
+    def needs(self, params):
+        return frozenset({params.need})
+
+
+class _AbsMax(Statistic):
+    name = "input_abs_max"
+
+
+class _PickyGate(GateStrategy):
+    name = "picky"
+
+    @attrs.frozen
+    class Params:
+        limit: int = 1
+
+    def problems(self, params, rank_rule, limits):
+        return [f"'limit' {params.limit} is too high for rank rule {rank_rule.name!r}"] \
+            if params.limit > 2 else []
+
+
+class _CountingRefiner(Refiner):
+    name = "counting"
+
+    @attrs.frozen
+    class Params:
+        steps: int = 1
+
+    def enabled(self, params):
+        return params.steps > 0
+
+
+class _TestPlugin:
+    @musco.hookimpl
+    def musco_add_decompositions(self, register):
+        register(_NeedyDecomposition())
+
+    @musco.hookimpl
+    def musco_add_statistics(self, register):
+        register(_AbsMax(), aliases=["abs_max"])
+
+    @musco.hookimpl
+    def musco_add_gates(self, register):
+        register(_PickyGate())
+
+    @musco.hookimpl
+    def musco_add_refiners(self, register):
+        register(_CountingRefiner())
+
+
+@pytest.fixture
+def test_registry():
+    registry = musco.Registry(autoload=True)
+    registry.register_plugin(_TestPlugin())
+    return registry
+
+
+def test_an_unknown_statistic_in_needs_is_a_spec_error(test_registry):
+    spec = make_spec(rules=[Rule(match="linear", decomposition="needy_svd", rank="fixed")])
+    with pytest.raises(SpecError) as excinfo:
+        spec.validate(registry=test_registry)
+    (problem,) = excinfo.value.problems
+    assert problem.startswith("unknown statistic 'input_abs_mean' needed by decomposition "
+                              "'needy_svd'; did you mean 'input_abs_max'? (available: ")
+    assert problem.endswith("@ $.rules[0].decomposition")
+    for known in ("input_abs_max", "abs_max"):  # a name or an alias
+        spec = make_spec(rules=[Rule(match="linear", decomposition=Decompose("needy_svd", need=known),
+                                     rank="fixed")])
+        spec.validate(registry=test_registry)
+
+
+def test_gate_problems_and_refiners_from_a_plugin(test_registry):
+    spec = make_spec(rules=[Rule(**RULE, gates=[Gate("picky", limit=1), Gate("picky", limit=3),
+                                                Gate("picky", limt=1), "pciky"])],
+                     refine=Refine("countng"))
+    with pytest.raises(SpecError) as excinfo:
+        spec.validate(registry=test_registry)
+    problems = excinfo.value.problems
+    assert ("'limit' 3 is too high for rank rule 'param_reduction' @ $.rules[0].gates[1]"
+            in problems)
+    assert any(p.startswith("unknown key 'limt'; did you mean 'limit'?")
+               and p.endswith("@ $.rules[0].gates[2]") for p in problems)
+    assert any(p.startswith("unknown gate 'pciky'; did you mean 'picky'?")
+               and p.endswith("@ $.rules[0].gates[3]") for p in problems)
+    assert any(p.startswith("unknown refiner 'countng'; did you mean 'counting'?")
+               and p.endswith("@ $.refine") for p in problems)
+    assert len(problems) == 4
+    spec = make_spec(rules=[Rule(**RULE, gates=["picky"])], refine="counting")
+    spec.validate(registry=test_registry)
+    (rule,) = resolve_rules(spec, test_registry)
+    assert rule.gates[0].name == "picky" and rule.gates[0].params.limit == 1
+    assert resolve_refine(spec, test_registry).params.steps == 1
+    assert resolve_refine(make_spec(refine=Refine("counting", steps=0)), test_registry) is None
+
+
+def test_resolve_does_not_import_the_spec_module_at_runtime():
+    import ast
+    import inspect
+
+    import musco_core.resolve
+
+    tree = ast.parse(inspect.getsource(musco_core.resolve))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any(getattr(n, "module", "") in ("musco_core.spec", "musco_core.plan")
+                   for n in top)

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+# Data-aware machinery (calibration, contexts) and persistence are imported where they are
+# used, so a plain run without calibration data never loads them.
 import copy
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from musco_core._util import device_of, progress
-from musco_core.calibration import CalibrationData, LayerData, collect_layer_data, run_batch
-from musco_core.context import RoundContext, RunContext, StepView
-from musco_core.engine.state import RunState, plain_rank
+from musco_core.engine.state import RunState, StepView, plain_rank
 from musco_core.engine.step import Step
 from musco_core.errors import CompressionError, MuscoWarning, SpecError
-from musco_core.persist import atomic_save, load_state_into, read_state, rebuild
 from musco_core.plan import Plan, build_plan
 from musco_core.registry import Registry, default_registry
 from musco_core.report import LayerReport, RunReport, StepReport
@@ -26,6 +25,10 @@ from musco_core.resolve import resolve_refine, resolve_rules
 from musco_core.spec import Spec, unstructure_params
 from musco_core.stats import eval_mode, param_count
 from musco_core.strategies import Layer
+
+if TYPE_CHECKING:
+    from musco_core.calibration import CalibrationData, LayerData
+    from musco_core.context import RunContext
 
 
 class Compressor:
@@ -94,6 +97,8 @@ class Compressor:
         :param calibration: the calibration data again (it is never saved); needed
             when the spec's strategies need data.
         """
+        from musco_core.persist import load_state_into, rebuild
+
         registry = registry or default_registry()
         spec = Spec.from_dict(state["spec"])
         rules = resolve_rules(spec, registry)
@@ -112,12 +117,16 @@ class Compressor:
     @classmethod
     def resume(cls, path: str | Path, model: nn.Module, **options: Any) -> Compressor:
         """Continue a run saved with :meth:`save` (options as :meth:`from_state`)."""
+        from musco_core.persist import read_state
+
         return cls.from_state(read_state(path), model, source=str(path), **options)
 
     @staticmethod
     def _calibration_data(spec: Spec, calibration: Any, device: Any) -> CalibrationData | None:
         if calibration is None:
             return None
+        from musco_core.calibration import CalibrationData
+
         return CalibrationData(calibration, max_batches=spec.calibration.max_batches,
                                max_samples=spec.calibration.max_samples, device=device)
 
@@ -189,6 +198,8 @@ class Compressor:
 
     def _check_calibration(self, data: CalibrationData) -> None:
         """Run the first calibration batch once, so bad data fails before anything changes."""
+        from musco_core.calibration import run_batch
+
         for index, batch in enumerate(data):
             with torch.no_grad(), eval_mode(self.model):
                 run_batch(self.model, batch, index, "the model")
@@ -211,6 +222,8 @@ class Compressor:
         Save after fine-tuning a step: :meth:`resume` continues from here, and
         :func:`musco_core.load_compressed` rebuilds the compressed model from it.
         """
+        from musco_core.persist import atomic_save
+
         atomic_save(self.state_dict(), path)
 
     def report(self) -> RunReport:
@@ -237,6 +250,8 @@ class Compressor:
 
     def context(self) -> RunContext:
         """The context refiners, gates, costs and joint rules get for the current step."""
+        from musco_core.context import RunContext
+
         return RunContext(
             model=self.model, example_inputs=self.example_inputs, stats=self.stats,
             calibration=self.calibration, reference=self.original,
@@ -438,6 +453,8 @@ class Compressor:
                 continue
             if not any(self.plan.entry(n).rule == rule.index for n in names):
                 continue
+            from musco_core.context import RoundContext
+
             layers = [Layer(e.name, self.model.get_submodule(e.name), self.stats[e.name],
                             self.plan.round)
                       for e in self.plan.entries if e.status == "compress" and e.rule == rule.index]
@@ -477,6 +494,8 @@ class Compressor:
         """
         if self.calibration is None:
             return {}
+        from musco_core.calibration import collect_layer_data
+
         table = self.registry.entries["statistics"]
         wanted = {}
         for name in names:

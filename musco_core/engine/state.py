@@ -8,11 +8,23 @@ from typing import Any
 import attrs
 from torch import nn
 
-from musco_core.persist import FORMAT, VERSION
 from musco_core.plan import Plan, build_plan, candidate_layers
 from musco_core.report import StepReport
 from musco_core.spec import Spec
 from musco_core.stats import LayerStats, collect_stats, model_flops, param_count
+
+
+@attrs.frozen
+class StepView:
+    """A read-only view of a run for the step hooks: do not change what it holds."""
+
+    model: nn.Module
+    spec: Spec
+    plan: Plan
+    #: Steps done so far (the index of the next step).
+    position: int
+    reports: tuple[StepReport, ...]
+    manifest: tuple[dict[str, Any], ...]
 
 
 @attrs.frozen
@@ -64,6 +76,8 @@ class RunState:
 
     def to_dict(self, model: nn.Module) -> dict[str, Any]:
         """Plain data and tensors only: the state file's contents (with ``model``'s weights)."""
+        from musco_core.persist import FORMAT, VERSION
+
         return {
             "format": FORMAT,
             "version": VERSION,

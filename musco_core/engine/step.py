@@ -10,7 +10,6 @@ import attrs
 import torch
 from torch import nn
 
-from musco_core.context import RoundContext, RunContext
 from musco_core.errors import CompressionError
 from musco_core.plan import low_rank_warning, select_rank
 from musco_core.report import LayerReport
@@ -20,6 +19,7 @@ from musco_core.strategies import Layer
 from musco_core.surgery import replace_modules
 
 if TYPE_CHECKING:
+    from musco_core.context import RoundContext, RunContext
     from musco_core.engine.compressor import Compressor
 
 #: A relative weight error above this earns a warning in the layer's report.
@@ -58,11 +58,18 @@ class Step:
         self.run = run
         self.index = index
         self.work = work
-        self.context: RunContext = run.context()
+        self._context: RunContext | None = None
         self.built: dict[str, Built] = {}
         self.reports: dict[str, LayerReport] = {}
         #: Model-level fields of the step report (e.g. a refiner's ``model_output_error``).
         self.step_fields: dict[str, float] = {}
+
+    @property
+    def context(self) -> RunContext:
+        """The step's :class:`RunContext` (made when a gate, refiner or fit first needs it)."""
+        if self._context is None:
+            self._context = self.run.context()
+        return self._context
 
     def execute(self) -> list[dict[str, Any]]:
         """Run every stage and swap the new modules in; returns the manifest entries."""
@@ -78,7 +85,7 @@ class Step:
             new, error = self.build(rnd, name, choice)
             self.reports[name], stats = self.check(rnd, name, choice, new, error, started)
             self.built[name] = Built(new, stats)
-        if self.context.calibration is not None and self.built:
+        if self.run.calibration is not None and self.built:
             self.fit()
         self.gate()
         return self.swap()
@@ -140,6 +147,8 @@ class Step:
         return choice
 
     def rule_context(self, rule: ResolvedRule) -> RoundContext:
+        from musco_core.context import RoundContext
+
         return RoundContext(self.context, rule.decomposition.strategy, rule.decomposition.params,
                             rule.rank.limits, rule.rank.strategy.rounding)
 

@@ -14,8 +14,6 @@ from torch import nn
 
 from musco_core import Refiner
 from musco_core._util import first_tensor
-from musco_core.calibration import paired_pass
-from musco_core.context import all_eval
 from musco_core.stats import eval_mode, run_model
 from musco_core.surgery import standing_in
 
@@ -65,6 +63,8 @@ class _Adam(Refiner):
         trained = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         if not trained or params.steps == 0:
             return
+        from musco_core.context import all_eval  # data-aware: loaded only when refining
+
         loss_of = self.loss(modules, context)
         optimizer = torch.optim.Adam(trained, lr=params.lr)
         deadline = time.perf_counter() + params.seconds if params.seconds else None
@@ -104,6 +104,8 @@ class LayerOutput(_Adam):
         return sum(context.output_errors(modules).values())
 
     def loss(self, modules, context):
+        from musco_core.calibration import paired_pass
+
         def loss_of(batch):
             pairs = []
 
