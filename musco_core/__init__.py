@@ -55,11 +55,21 @@ _LAZY = {
 }
 
 
+def _load(module: str):
+    if module == "finetune":
+        from musco_core import finetune as loaded
+    elif module == "calibration":
+        from musco_core import calibration as loaded
+    elif module == "context":
+        from musco_core import context as loaded
+    else:
+        from musco_core import persist as loaded
+    return loaded
+
+
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f"musco_core.{_LAZY[name]}"), name)
+        value = getattr(_load(_LAZY[name]), name)
         globals()[name] = value  # later look-ups skip __getattr__
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -282,6 +282,15 @@ class Registry:
         """Registered names of ``kind`` (aliases excluded), sorted."""
         return sorted({e.name for e in self.entries[kind].values()})
 
+    def flop_formulas(self, model_total: bool = False) -> tuple[tuple[Any, Any], ...]:
+        """The registered FLOP formulas as ``(module types, formula)`` pairs for the counter.
+
+        With ``model_total`` only those whose ``in_model_total`` is true.
+        """
+        return tuple((e.strategy.module_types, e.strategy.flops)
+                     for n, e in sorted(self.entries["flop_formulas"].items())
+                     if n == e.name and (e.strategy.in_model_total or not model_total))
+
     def available(self) -> dict[str, list[dict[str, Any]]]:
         """Every strategy by kind, with its summary, aliases and owning distribution.
 

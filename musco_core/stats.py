@@ -152,117 +152,30 @@ def collect_stats(
     return stats
 
 
-# -- FLOPs that FlopCounterMode misses: fused recurrent layers and attention -----------------
+# -- FLOPs that FlopCounterMode misses (fused recurrent layers, attention ...) ----------------
 
-#: Gates per recurrent layer mode (``nn.RNNBase.mode``): ``weight_ih`` has ``gates * hidden`` rows.
-RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-
-
-def recurrent_flops(module: nn.RNNBase, input_shape: tuple[int, ...], *,
-                    input_size: int | None = None) -> int:
-    """FLOPs of one call of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on an input of ``input_shape``.
-
-    Counted as :class:`~torch.utils.flop_counter.FlopCounterMode` counts matrix
-    products (a multiply-add is two FLOPs; bias adds and elementwise work are not
-    counted). With ``g`` gates (LSTM 4, GRU 3, RNN 1), hidden size ``h``, state
-    size ``p`` (LSTM's ``proj_size`` if set, else ``h``), ``d`` directions and
-    ``s`` time steps summed over the batch (``numel(input) / input_size``, so
-    batch-first, unbatched and packed inputs all work)::
-
-        FLOPs = s * d * sum over layers l of [2 g h (in_l + p) + 2 h p (LSTM proj_size only)]
-
-    where ``in_0`` is the input size and ``in_l = d * p`` for ``l >= 1``. Not
-    counted: the gate nonlinearities and elementwise products (LSTM about ``9 h``,
-    GRU about ``8 h`` per step and direction; under 5% for ``in + h >= 64``). For GRU
-    and RNN this equals what ``FlopCounterMode`` counts on CPU; it counts 0 for LSTM
-    (one fused ``aten::lstm`` call) and for cuDNN's fused kernels.
-
-    ``input_size`` overrides ``module.input_size`` (used to cost a layer at a new input width).
-    """
-    gates = RECURRENT_GATES[module.mode]
-    h = module.hidden_size
-    in0 = module.input_size if input_size is None else input_size
-    proj = getattr(module, "proj_size", 0) or 0
-    p = proj or h
-    d = 2 if module.bidirectional else 1
-    numel = 1
-    for s in input_shape:
-        numel *= s
-    steps = numel // in0 if in0 else 0
-    per_step = 0
-    for layer in range(module.num_layers):
-        width = in0 if layer == 0 else d * p
-        per_step += 2 * gates * h * (width + p) + (2 * h * proj if proj else 0)
-    return steps * d * per_step
-
-
-def attention_flops(module: nn.MultiheadAttention, query_shape: tuple[int, ...],
-                    key_shape: tuple[int, ...]) -> int:
-    """FLOPs of one call of an ``nn.MultiheadAttention`` (matrix products, as FlopCounterMode).
-
-    With embedding ``E``, key/value widths ``kdim``/``vdim``, ``L`` query and ``S``
-    key positions (times the batch ``N``)::
-
-        FLOPs = 2 N (L E E + S kdim E + S vdim E)   # q, k, v projections
-              + 2 N L S E * 2                     # scores q k^T and their weighted sum of v
-              + 2 N L E E                         # output projection
-
-    Equal to what ``FlopCounterMode`` counts on the slow path (training, masks);
-    in eval mode PyTorch may take a fused fast path (``_native_multi_head_attention``)
-    that it counts as 0. Softmax, scaling and biases are not counted.
-    """
-    e = module.embed_dim
-    batch_first = getattr(module, "batch_first", False)
-
-    def split(shape: tuple[int, ...]) -> tuple[int, int]:  # (batch, positions)
-        if len(shape) == 2:
-            return 1, shape[0]
-        return (shape[0], shape[1]) if batch_first else (shape[1], shape[0])
-
-    n, length = split(query_shape)
-    _, source = split(key_shape)
-    projections = 2 * n * (length * e * e + source * module.kdim * e + source * module.vdim * e)
-    return projections + 4 * n * length * source * e + 2 * n * length * e * e
-
-
-def _recurrent_formula(module, args, kwargs) -> int:
-    x = first_tensor(args) if args else first_tensor(kwargs.get("input"))
-    return recurrent_flops(module, tuple(x.shape)) if x is not None else 0
-
-
-def _attention_formula(module, args, kwargs) -> int:
-    names = ("query", "key")
-    given = list(args[:2]) + [kwargs.get(k) for k in names[len(args[:2]):]]
-    if len(given) < 2 or not all(isinstance(t, torch.Tensor) for t in given):
-        return 0
-    return attention_flops(module, tuple(given[0].shape), tuple(given[1].shape))
-
-
-#: ``((module types), formula(module, args, kwargs) -> FLOPs)`` pairs.
+#: ``((module types), formula(module, args, kwargs) -> FLOPs)`` pairs: the registered
+#: :class:`musco_core.FlopFormula` plugins (first-party: RNNs, attention).
 Formulas = Sequence[tuple[Any, Callable[..., int]]]
-
-#: Layers whose FLOPs ``FlopCounterMode`` may report as 0, with the formula used then.
-MISSED_FLOPS = ((nn.RNNBase, _recurrent_formula), (nn.MultiheadAttention, _attention_formula))
 
 
 class FlopCounter:
     """``FlopCounterMode`` plus the FLOPs it misses in fused layers (a context manager).
 
-    Every layer of a type in :data:`MISSED_FLOPS` inside ``model`` is watched:
-    ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (one fused ``aten::lstm`` on CPU, cuDNN
-    kernels on GPU) and ``nn.MultiheadAttention`` (the fused fast path in eval
-    mode). When a call of such a layer adds no FLOPs to the counter, its formula
-    (:func:`recurrent_flops`, :func:`attention_flops`) is added instead.
+    Every layer inside ``model`` of a type one of ``formulas`` covers is watched
+    (first-party, in ``musco_std.flop_formulas``: ``nn.LSTM`` / ``nn.GRU`` /
+    ``nn.RNN``, one fused ``aten::lstm`` on CPU, and ``nn.MultiheadAttention`` on
+    its fused fast path). When a call of such a layer adds no FLOPs to the
+    counter, its formula's count is added instead.
     :meth:`total` is the running total, so it can be read before and after a
     layer to measure it in place. Other layers the counter reports as 0 (norms,
     embeddings, fused transformer-layer fast paths) stay 0; :func:`coverage`
     lists those that hold parameters.
     """
 
-    def __init__(self, model: nn.Module, formulas: Formulas = (), *, builtins: bool = True):
+    def __init__(self, model: nn.Module, formulas: Formulas = ()):
         self.model = model
-        #: ``(module types, formula)`` pairs: plugins' (``FlopFormula``) first, then built-ins.
-        self.formulas = tuple(formulas) + (MISSED_FLOPS if builtins else ())
+        self.formulas = tuple(formulas)
         self.mode = FlopCounterMode(display=False)
         #: FLOPs added by formula, on top of what ``FlopCounterMode`` counted.
         self.extra = 0
@@ -285,8 +198,7 @@ class FlopCounter:
     def __enter__(self) -> FlopCounter:
         for m in self.model.modules():
             for kind, formula in self.formulas:
-                if isinstance(m, kind) and (not isinstance(m, nn.RNNBase)
-                                            or m.mode in RECURRENT_GATES):
+                if isinstance(m, kind):
                     self._handles.append(m.register_forward_pre_hook(self._pre))
                     # First among the forward hooks, so a hook measuring this layer sees them.
                     self._handles.append(m.register_forward_hook(
@@ -369,7 +281,7 @@ def model_flops(model: nn.Module, example_inputs: Any, formulas: Formulas = ()) 
 
     What ``FlopCounterMode`` counts, plus the plugins' ``formulas`` for the layers it misses.
     """
-    counter = FlopCounter(model, formulas, builtins=False)
+    counter = FlopCounter(model, formulas)
     with torch.no_grad(), eval_mode(model), counter:
         run_model(model, example_inputs)
     return counter.total()

@@ -494,6 +494,9 @@ class FlopFormula(Strategy):
     """
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Whether the whole model's FLOP total uses it too (the first-party RNN and
+    #: attention formulas keep the totals ``FlopCounterMode`` gives, as before them).
+    in_model_total: ClassVar[bool] = True
 
     def flops(self, module: nn.Module, args: tuple, kwargs: dict) -> int:
         """FLOPs of one call of ``module`` with ``args`` / ``kwargs`` (a multiply-add is 2)."""

@@ -27,7 +27,7 @@ class RecordingSVD(SVD):
         self.seen = []
 
     def needs(self, params):
-        return frozenset({"input_gram"})
+        return frozenset({"input_gram", "cross_moment", "target_gram"})
 
     def compress(self, module, rank, params, data=None):
         self.seen.append(data)

@@ -8,6 +8,8 @@ import math
 import attrs
 import pytest
 import torch
+
+from musco_core.calibration import LayerData
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -350,13 +352,14 @@ class WhitenedSVD(SVD):
     gram_of = staticmethod(lambda data: data.gram)
 
     def needs(self, params):
-        return frozenset({"input_gram"}) if params.whiten else frozenset()
+        return frozenset({"input_gram", "cross_moment"}) if params.whiten else frozenset()
 
     def compress(self, module, rank, params, data=None):
         if data is None or not params.whiten:
             return super().compress(module, rank, params)
         weight = self.weight(module).detach()
-        first, second = df.whitened_svd(weight, self.gram_of(data), rank, cross=data.cross)
+        first, second = df.whitened_svd(weight, self.gram_of(data), rank,
+                                        cross=data.get("cross_moment"))
         first, second = first.to(weight.dtype), second.to(weight.dtype)
         return self.build(module, (first, second)), relative_error(weight, second @ first)
 
@@ -368,7 +371,7 @@ class AntiWhitenedSVD(WhitenedSVD):
 
     def compress(self, module, rank, params, data=None):
         if data is not None:
-            data = attrs.evolve(data, cross=None)
+            data = LayerData({"input_gram": data["input_gram"]}, rows=data.rows)
         return super().compress(module, rank, params, data)
 
 
@@ -381,7 +384,7 @@ class WhitenedTucker2(Tucker2):
     Params = WhitenTucker2Params
 
     def needs(self, params):
-        return frozenset({"input_gram"}) if params.whiten else frozenset()
+        return frozenset({"input_gram", "cross_moment"}) if params.whiten else frozenset()
 
     def compress(self, module, rank, params, data=None):
         if data is None or not params.whiten:
@@ -421,7 +424,7 @@ def test_anisotropic_inputs_have_the_planted_condition():
     assert torch.equal(x, anisotropic_inputs(20000, 5, seed=0, condition=100.0))
 
 
-def test_reusing_shares_one_whitened_svd_across_ranks_and_keeps_nothing_after(monkeypatch):
+def test_an_explicit_cache_shares_one_whitened_svd_across_ranks(monkeypatch):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(12, 10, generator=g, dtype=torch.float64)
     x = torch.randn(50, 10, generator=g, dtype=torch.float64)
@@ -435,21 +438,36 @@ def test_reusing_shares_one_whitened_svd_across_ranks_and_keeps_nothing_after(mo
 
     fresh = {r: df.whitened_svd(w, gram, r) for r in (2, 5)}
     monkeypatch.setattr(torch.linalg, "svd", counting)
-    with df.reusing():
-        shared = {r: df.whitened_svd(w, gram, r) for r in (2, 5)}
-        assert len(calls) == 1
-        w.mul_(2.0)  # an in-place change is a new key
-        doubled = df.whitened_svd(w, gram, 2)
-        assert len(calls) == 2
+    cache: dict = {}
+    shared = {r: df.whitened_svd(w, gram, r, cache=cache) for r in (2, 5)}
+    assert len(calls) == 1
     for r in (2, 5):
         for a, b in zip(shared[r], fresh[r]):
             assert torch.equal(a, b)
-    first, second = doubled
-    assert torch.allclose(second @ first, 2 * (fresh[2][1] @ fresh[2][0]))
-    assert df._LAST is None  # nothing kept outside the block
     df.whitened_svd(w, gram, 2)
     df.whitened_svd(w, gram, 2)
-    assert len(calls) == 4  # and outside it, nothing is reused
+    assert len(calls) == 3  # without a cache nothing is reused: no module-global state
+
+
+def test_svd_compress_ranks_fits_every_rank_from_one_svd_and_matches_compress(monkeypatch):
+    from musco_core import default_registry
+
+    svd = default_registry().get("decompositions", "svd").strategy
+    params = svd.Params(whiten=True)
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(10, 12).double()
+    x = torch.randn(60, 10, generator=g, dtype=torch.float64)
+    data = LayerData({"input_gram": x.T @ x, "cross_moment": x.T @ x}, rows=60)
+    one_by_one = [svd.compress(layer, r, params, data=data) for r in (2, 4, 6)]
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd",
+                        lambda *a, **k: (calls.append(1), real_svd(*a, **k))[1])
+    together = list(svd.compress_ranks(layer, [2, 4, 6], params, data=data))
+    assert len(calls) == 1
+    for (m1, e1), (m2, e2) in zip(one_by_one, together):
+        assert e1 == pytest.approx(e2, rel=1e-12)
+        torch.testing.assert_close(m1(x), m2(x))
 
 
 def test_whitened_factors_are_balanced_so_fine_tuning_treats_them_alike():

@@ -20,10 +20,15 @@ from hypothesis import strategies as st
 from musco_core import Spec, SpecError
 
 KEYS = ["rules", "exclude", "layers_per_step", "rounds", "calibration", "refine", "match",
-        "decomposition", "rank", "unsupported", "min_speedup", "round_by_speed", "name", "rate", "ranks",
-        "pattern", "class_name", "max_batches", "max_samples", "reference", "steps", "seconds", "lr", "seed"]
+        "decomposition", "rank", "unsupported", "gates", "min_speedup", "round_by_speed", "name",
+        "rate", "ranks", "pattern", "class_name", "max_batches", "max_samples", "reference",
+        "steps", "seconds", "lr", "seed", "scope", "factor", "multiple"]
 NAMES = ["linear", "conv1x1", "conv_kxk", "glob", "type", "svd", "tucker2", "cp3", "fixed",
-         "param_reduction", "vbmf", "skip", "error"]
+         "param_reduction", "vbmf", "skip", "error", "min_speedup", "round_by_speed",
+         "layer_output", "model_output", "layer", "model"]
+
+# Deprecated forms (min_speedup = ..., a refine table without a name) load with a warning.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 70), st.integers(),
@@ -47,10 +52,17 @@ yaml_like = st.recursive(
 
 VALID = {
     "rules": [{"match": ["linear", {"name": "glob", "pattern": "a.*"}], "decomposition": "svd",
-               "rank": {"name": "param_reduction", "rate": 2.0}, "rounds": [1]}],
+               "rank": {"name": "param_reduction", "rate": 2.0}, "rounds": [1],
+               "gates": [{"name": "round_by_speed", "multiple": 8},
+                         {"name": "min_speedup", "factor": 1.2}]},
+              {"match": "conv1x1", "decomposition": "svd", "rank": "vbmf", "min_speedup": 1.1,
+               "round_by_speed": 4}],
     "exclude": ["classifier*"], "layers_per_step": 2, "rounds": 1,
-    "calibration": {"max_batches": 2}, "refine": {"steps": 1, "lr": 0.001},
+    "calibration": {"max_batches": 2},
+    "refine": {"name": "model_output", "steps": 1, "lr": 0.001},
 }
+LEGACY_REFINE = {"steps": 1, "lr": 0.001, "scope": "model"}
+LEGACY = object()  # a path starting here mutates VALID with LEGACY_REFINE as its refine table
 
 
 def _paths(value, prefix=()):
@@ -64,12 +76,14 @@ def _paths(value, prefix=()):
             yield from _paths(v, (*prefix, i))
 
 
-PATHS = list(_paths(VALID))[1:]
+PATHS = list(_paths(VALID))[1:] + [(LEGACY, k) for k in LEGACY_REFINE]
 
 
 def _replace(value, path, new):
     if not path:
         return new
+    if path[0] is LEGACY:
+        return {**value, "refine": {**LEGACY_REFINE, path[1]: new}}
     head, rest = path[0], path[1:]
     if isinstance(value, dict):
         return {**value, head: _replace(value[head], rest, new)}

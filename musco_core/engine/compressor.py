@@ -77,8 +77,8 @@ class Compressor:
         rules = resolve_rules(spec, registry)
         data = self._calibration_data(spec, calibration, device_of(model))
         work = model if inplace else copy.deepcopy(model)
-        formulas = _formulas(registry)
-        state = RunState.fresh(work, spec, rules, example_inputs, formulas)
+        state = RunState.fresh(work, spec, rules, example_inputs, registry.flop_formulas(),
+                               registry.flop_formulas(model_total=True))
         self._attach(state, work, registry, rules, example_inputs=example_inputs,
                      data=data, latency=latency, progress=progress, original=work)
         for warning in self.plan.warnings:
@@ -138,7 +138,7 @@ class Compressor:
         self.rules = rules
         self.refiner = resolve_refine(state.spec, registry)
         self.state = state
-        self.flop_formulas = _formulas(registry)
+        self.flop_formulas = registry.flop_formulas()
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._check_data_needs(data is not None)
         self.model = model
@@ -508,13 +508,6 @@ class Compressor:
             return {}
         assert self.original is not None
         return collect_layer_data(self.original, self.model, self.calibration, wanted)
-
-
-def _formulas(registry: Registry) -> tuple[tuple[Any, Any], ...]:
-    """The plugins' FLOP formulas as ``(module types, formula)`` pairs for the FLOP counter."""
-    entries = registry.entries["flop_formulas"]
-    return tuple((e.strategy.module_types, e.strategy.flops)
-                 for n, e in sorted(entries.items()) if n == e.name)
 
 
 def _fingerprint(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -66,10 +66,10 @@ class RunState:
 
     @classmethod
     def fresh(cls, model: nn.Module, spec: Spec, rules: Any, example_inputs: Any,
-              formulas: Any = ()) -> RunState:
+              formulas: Any = (), total_formulas: Any = ()) -> RunState:
         """The state before the first step: layer statistics, the plan, model totals."""
         stats = collect_stats(model, example_inputs, candidate_layers(model), formulas)
-        flops = model_flops(model, example_inputs, formulas)
+        flops = model_flops(model, example_inputs, total_formulas)
         return cls(spec=spec, plan=build_plan(model, spec, rules, stats), stats=stats,
                    model_params_before=param_count(model), model_flops_before=flops,
                    model_flops_now=flops)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musco_core.errors import UnsupportedLayerError
+from musco_core.registry import default_registry
 from musco_core.stats import LayerStats, param_count, probe_module
 from musco_core.strategies import Decomposition, rank_tuple
 from musco_core.testing.strategies import ConvConfig, LinearConfig
@@ -95,7 +96,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str)
 
 def _stats(config, module: nn.Module) -> LayerStats:
     x = config.input()
-    flops, out_shape = probe_module(module, tuple(x.shape))
+    flops, out_shape = probe_module(module, tuple(x.shape), default_registry().flop_formulas())
     return LayerStats(tuple(x.shape), out_shape, param_count(module), flops, 1)
 
 
@@ -198,7 +199,7 @@ def check_flop_count(decomposition: Decomposition, *, layers=None, params=None, 
         stats = _stats(config, module)
         for rank in default_ranks(decomposition, module):
             built, _ = decomposition.compress(module, rank, params)
-            want, _ = probe_module(built, stats.input_shape)
+            want, _ = probe_module(built, stats.input_shape, default_registry().flop_formulas())
             got = decomposition.flop_count(module, rank, stats)
             assert got == want, (f"{decomposition.name} on {name!r} at rank {rank!r}: "
                                  f"flop_count says {got}, FlopCounterMode counts {want}")

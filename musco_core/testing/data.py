@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from musco_core.calibration import KNOWN_STATISTICS, LayerData
+from musco_core.calibration import LayerData
+from musco_core.registry import Registry, default_registry
 from musco_core.errors import UnsupportedLayerError
-from musco_core.strategies import Decomposition
+from musco_core.strategies import Decomposition, LayerBatch
 from musco_core.testing.checks import default_ranks, one_thread
 from musco_core.testing.strategies import ConvConfig, LinearConfig
 
@@ -93,7 +94,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_data_aware(decomposition: Decomposition, params: Any = None, plain_params: Any = None,
                      *, layers: dict | None = None, shifted: bool = True,
                      condition: float = 100.0, seed: int = 0, rtol: float = 1e-6,
-                     atol: float = 1e-9) -> None:
+                     atol: float = 1e-9, registry: Registry | None = None) -> None:
     """A data-aware decomposition is no worse than the plain one in output error.
 
     For every layer of :data:`DATA_LAYERS` (or ``layers=``, a dict of
@@ -104,8 +105,9 @@ def check_data_aware(decomposition: Decomposition, params: Any = None, plain_par
        convs, i.i.d. over positions); with ``shifted=True`` the layer "now" sees
        ``X'`` = ``X`` mixed by a random near-identity matrix plus noise, as after
        an upstream layer was compressed, else ``X' = X``;
-    2. ``LayerData`` is built from the rows of :meth:`Decomposition.input_rows`:
-       ``gram = X'^T X'``, ``cross = X'^T X``, ``target_gram = X^T X``;
+    2. ``LayerData`` is built from the rows of :meth:`Decomposition.input_rows` by
+       the registered statistics ``needs(params)`` names (first-party:
+       ``input_gram = X'^T X'``, ``cross_moment = X'^T X``, ``target_gram = X^T X``);
     3. ``compress(module, rank, params, data=data)`` and
        ``compress(module, rank, plain_params)`` are run, both modules are fed
        ``X'``, and their relative error against the original layer's output on
@@ -113,7 +115,7 @@ def check_data_aware(decomposition: Decomposition, params: Any = None, plain_par
        ``e_data <= e_plain (1 + rtol) + atol``.
 
     ``needs(params)`` must be non-empty (else the engine would never pass data)
-    and name only known statistics. ``params``/``plain_params`` default to
+    and name only statistics registered in ``registry`` (default: the default one). ``params``/``plain_params`` default to
     ``decomposition.Params()``. Pass ``shifted=False`` for a decomposition that
     fits only ``gram`` and ignores ``cross``. All failures are collected and
     raised together as one :class:`AssertionError`.
@@ -123,9 +125,11 @@ def check_data_aware(decomposition: Decomposition, params: Any = None, plain_par
     needs = frozenset(decomposition.needs(params))
     assert needs, (f"{decomposition.name}: needs(params) is empty for {params!r}, so the "
                    f"engine would never pass data; return e.g. frozenset({{'input_gram'}})")
-    unknown = needs - KNOWN_STATISTICS
+    table = (registry or default_registry()).entries["statistics"]
+    unknown = needs - set(table)
     assert not unknown, (f"{decomposition.name}: needs(params) names unknown statistics "
-                         f"{sorted(unknown)}; known: {sorted(KNOWN_STATISTICS)}")
+                         f"{sorted(unknown)}; registered: {sorted(table)}")
+    statistics = {n: table[n].strategy for n in needs}
     failures: list[str] = []
     tested = 0
     for i, (name, config) in enumerate((layers or DATA_LAYERS).items()):
@@ -137,8 +141,9 @@ def check_data_aware(decomposition: Decomposition, params: Any = None, plain_par
         x, x_cur = _inputs(config, seed + 100 + i, condition, shifted)
         rows = decomposition.input_rows(module, x).detach().to(torch.float64)
         rows_cur = decomposition.input_rows(module, x_cur).detach().to(torch.float64)
-        data = LayerData(gram=rows_cur.T @ rows_cur, cross=rows_cur.T @ rows,
-                         target_gram=rows.T @ rows, rows=rows.shape[0])
+        batch = LayerBatch(name=name, index=0, rows=rows_cur, original_rows=rows, module=module)
+        data = LayerData({n: st.result(st.update(None, batch), rows.shape[0])
+                          for n, st in statistics.items()}, rows=rows.shape[0])
         with torch.no_grad():
             reference = module(x)
         for rank in default_ranks(decomposition, module):

@@ -28,6 +28,7 @@ from torch import nn
 from musco_core.errors import UnsupportedLayerError
 from musco_core.limits import ROUNDING, RankLimits
 from musco_core.spec import structure_params
+from musco_core.registry import default_registry
 from musco_core.stats import LayerStats, param_count, probe_module
 from musco_core.strategies import Decomposition, Layer, RankSelector, rank_tuple
 
@@ -72,7 +73,7 @@ def sample_layers() -> list[tuple[nn.Module, tuple[int, ...]]]:
 
 def layer_for(name: str, module: nn.Module, input_shape: tuple[int, ...]) -> Layer:
     """A :class:`Layer` with statistics measured on a zero input of ``input_shape``."""
-    flops, out_shape = probe_module(module, input_shape)
+    flops, out_shape = probe_module(module, input_shape, default_registry().flop_formulas())
     stats = LayerStats(tuple(input_shape), out_shape, param_count(module), flops, 1)
     return Layer(name, module, stats)
 
@@ -255,7 +256,8 @@ def compare_rank_rules(
             k += 1
             label = f"{ref.name}#{k}"
         labels.append(label)
-    stats = collect_stats(model, example_inputs, candidate_layers(model))
+    stats = collect_stats(model, example_inputs, candidate_layers(model),
+                          default_registry().flop_formulas())
     rows: dict[str, dict[str, Any]] = {}
     for label, ref in zip(labels, refs):
         spec = Spec(rules=[Rule(match=match, decomposition=decomposition, rank=ref)],

@@ -11,17 +11,17 @@ from torch import nn
 from musco_core import Decomposition, LayerStats, UnsupportedLayerError, relative_error
 from musco_std._conv import factor_kw
 from musco_std.grouped import group_problem
-from musco_std.svd import FactorPairSVD, _TwoConvs, core_of_product, fill_factor_pair
+from musco_std.svd import FactorPairSVD, TwoConvs, core_of_product, fill_factor_pair
 from musco_std.tucker2 import (
     ChannelTucker2,
     Tucker2Params,
-    _Tucker2Convs,
+    Tucker2Convs,
     tucker2_hooi,
     tucker2_reconstruct,
 )
 
 
-class SVDConv1d(_TwoConvs):
+class SVDConv1d(TwoConvs):
     """Kernel-1 ``nn.Conv1d`` factorized as two kernel-1 convs: in -> rank -> out.
 
     ``first`` keeps the original stride, padding, dilation and padding mode (no
@@ -33,7 +33,7 @@ class SVDConv1d(_TwoConvs):
     _conv = nn.Conv1d
 
 
-class Tucker2Conv1d(_Tucker2Convs):
+class Tucker2Conv1d(Tucker2Convs):
     """Kernel-k ``nn.Conv1d`` factorized as ``last(core(first(x)))``.
 
     ``first``: kernel-1 conv ``in -> r_in``; ``core``: kernel-k conv ``r_in -> r_out``

@@ -5,6 +5,7 @@ from __future__ import annotations
 from musco_core import hookimpl
 from musco_std.budget import BUDGET
 from musco_std.costs import COSTS
+from musco_std.flop_formulas import FLOP_FORMULAS
 from musco_std.gates import GATES
 from musco_std.refiners import REFINERS
 from musco_std.statistics import STATISTICS
@@ -63,3 +64,9 @@ def musco_add_costs(register):
 def musco_add_gates(register):
     for gate in GATES:
         register(gate)
+
+
+@hookimpl
+def musco_add_flop_formulas(register):
+    for formula in FLOP_FORMULAS:
+        register(formula)

@@ -10,8 +10,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from musco_core import Decomposition, LayerStats, UnsupportedLayerError
 from musco_core.stats import param_count as module_params
-from musco_core.stats import RECURRENT_GATES as GATES
-from musco_core.stats import recurrent_flops
+from musco_std.flop_formulas import RECURRENT_GATES as GATES
+from musco_std.flop_formulas import recurrent_flops
 from musco_std.svd import FactorPairSVD, core_of_product
 
 
@@ -143,7 +143,7 @@ class SVDRecurrent(FactorPairSVD, Decomposition):
         return module_params(rnn) - self._dims(module)[1] * rnn.input_size
 
     def flop_count(self, module: nn.Module, rank: int, stats: LayerStats) -> int:
-        """``2 steps in r`` for the projection plus :func:`musco_core.stats.recurrent_flops`
+        """``2 steps in r`` for the projection plus :func:`musco_std.flop_formulas.recurrent_flops`
         of the recurrent layer reading ``r`` features."""
         n_in, _ = self._dims(module)
         steps = _numel(stats.input_shape) // n_in

@@ -111,6 +111,12 @@ class Routed(Decomposition):
             return target.compress(module, rank, params, data=data)
         return target.compress(module, rank, params)
 
+    def compress_ranks(self, module, ranks, params: Any, data: Any = None):
+        target = self.route(module)
+        if target is self.base:
+            return target.compress_ranks(module, ranks, params, data=data)
+        return (target.compress(module, rank, params) for rank in ranks)
+
     # -- what does not depend on a module is base's --------------------------------------
 
     def needs(self, params):

@@ -33,7 +33,7 @@ class SVDLinear(nn.Module):
         return self.second(self.first(x))
 
 
-class _TwoConvs(nn.Module):
+class TwoConvs(nn.Module):
     """Two kernel-1 convs ``second(first(x))``: in -> rank -> out, of the class ``_conv``.
 
     ``first`` keeps the original stride, padding, dilation and padding mode (no
@@ -60,7 +60,7 @@ class _TwoConvs(nn.Module):
         return self.second(self.first(x))
 
 
-class SVDConv1x1(_TwoConvs):
+class SVDConv1x1(TwoConvs):
     """1x1 ``nn.Conv2d`` factorized as two 1x1 convs: in -> rank (stride, padding) -> out (bias)."""
 
     musco_decomposition = "svd"

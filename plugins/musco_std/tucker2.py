@@ -27,7 +27,7 @@ from musco_std._conv import (
 )
 
 
-class _Tucker2Convs(nn.Module):
+class Tucker2Convs(nn.Module):
     """Three convs of the class ``_conv``: ``last(core(first(x)))``.
 
     ``first``: kernel-1 conv ``in -> r_in``; ``core``: kernel-k conv ``r_in -> r_out``
@@ -58,7 +58,7 @@ class _Tucker2Convs(nn.Module):
         return self.last(self.core(self.first(x)))
 
 
-class Tucker2Conv2d(_Tucker2Convs):
+class Tucker2Conv2d(Tucker2Convs):
     """kxk ``nn.Conv2d`` factorized as ``last(core(first(x)))``.
 
     ``first``: 1x1 conv ``in -> r_in``; ``core``: kxk conv ``r_in -> r_out`` with the
@@ -156,7 +156,7 @@ class ChannelTucker2:
     """
 
     def full_rank(self, module: nn.Module) -> tuple[int, int]:
-        if isinstance(module, _Tucker2Convs):
+        if isinstance(module, Tucker2Convs):
             return module.rank
         return module.in_channels, module.out_channels
 
@@ -182,7 +182,7 @@ class ChannelTucker2:
     def build(self, module: nn.Module, factors) -> nn.Module:
         first, core, last = factors
         bias = self._dims(module)[3]
-        bias_src = module.last if isinstance(module, _Tucker2Convs) else module
+        bias_src = module.last if isinstance(module, Tucker2Convs) else module
         new = self._new(module, (core.shape[1], core.shape[0]))
         with torch.no_grad():
             new.first.weight.copy_(first.reshape(new.first.weight.shape))
