@@ -187,7 +187,6 @@ def paired_pass(original: nn.Module, current: nn.Module, data: CalibrationData,
 
     def pair(name):
         def hook(_module, args, output):
-            nonlocal batch_index
             calls = kept.get(name)
             if not calls:
                 raise CompressionError(

@@ -79,18 +79,9 @@ class Plan:
         return tuple(e.name for e in self.entries if e.status == "compress")
 
     def __str__(self) -> str:
-        lines = [f"round {self.round}: {len(self.layers)} layer(s) to compress; "
-                 f"{len(self.steps)} step(s) in all"]
-        for i, step in enumerate(self.steps):
-            lines.append(f"  step {i}: " + ", ".join(f"{n} (round {r})" for r, n in step))
-        for e in self.entries:
-            if e.status == "compress":
-                what = f"rule {e.rule}: {e.decomposition} / {e.rank_rule}"
-            else:
-                what = f"{e.status}" + (f" ({e.reason})" if e.reason else "")
-            lines.append(f"  {e.name:<40} {e.type:<16} {what}")
-        lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        from musco_core.report_text import plan_text
+
+        return plan_text(self)
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:

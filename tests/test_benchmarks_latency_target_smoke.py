@@ -66,11 +66,11 @@ def test_latency_target_smoke(latency_target, tmp_path):
 def test_the_benchmark_leaves_the_engine_as_it_found_it(latency_target, tmp_path):
     # The benchmark memoises budget damage by layer name while it runs; a memo left
     # installed gave later tests another model's damage for layers of the same name.
-    from musco_core import joint
+    from musco_core import context as joint
 
     latency_target.main(["--smoke", "--models", "cnn", "--settings", "1x1",
                          "--out", str(tmp_path)])
-    assert joint.JointContext.damage.__module__ == "musco_core.joint"  # not the memo
+    assert joint.RoundContext.damage.__module__ == "musco_core.context"  # not the memo
 
 
 def test_a_reach_just_above_1_drops_the_rule_instead_of_asking_for_a_target_below_1(

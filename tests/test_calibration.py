@@ -233,9 +233,21 @@ def test_refinement_is_deterministic_bounded_and_never_worse():
     # Only the new factors were trained: the untouched ReLU has no weights; compare a frozen layer.
 
 
-def test_refinement_touches_only_the_new_factors_and_stops_at_its_budget():
-    from musco_core.refine import refine
+def _run_context(model, original, data):
+    """The context a refiner gets in a run, for calling a refiner plugin directly."""
+    from musco_core.calibration import CalibrationData
+    from musco_core.context import RunContext
 
+    return RunContext(model=model, example_inputs=data[0], stats={},
+                      calibration=CalibrationData(data), reference=original, costs={},
+                      statistics={}, resources={})
+
+
+def _refiner(name):
+    return musco.default_registry().get("refiners", name).strategy
+
+
+def test_refinement_touches_only_the_new_factors_and_stops_at_its_budget():
     model = two_linear()
     original = two_linear()
     data = batches(2)
@@ -249,8 +261,10 @@ def test_refinement_touches_only_the_new_factors_and_stops_at_its_budget():
         return original_forward(x)
 
     new.forward = counting
-    result = refine(original, model, data, {"2": new}, Refine(steps=5, lr=1e-2))
-    assert result["steps"] == 5 and len(calls) == 5
+    refiner = _refiner("layer_output")
+    refiner.refine({"2": new}, _run_context(model, original, data),
+                   refiner.Params(steps=5, lr=1e-2))
+    assert len(calls) == 5
     assert all(torch.equal(before_model[k], v) for k, v in model.state_dict().items())
 
 
@@ -361,7 +375,7 @@ def test_whitened_tucker2_in_the_engine_lowers_the_output_error_of_each_layer():
 
 
 def test_budget_measures_damage_on_as_many_batches_as_it_is_told(monkeypatch):
-    from musco_core.joint import JointContext
+    from musco_core.context import RoundContext as JointContext
 
     model, data = anisotropic_model_and_data()
     seen = []
@@ -496,15 +510,14 @@ def test_model_scope_refinement_lowers_the_models_output_error_more_than_layer_s
 
 
 def test_model_scope_refinement_trains_only_the_new_factors_and_keeps_grads_clean():
-    from musco_core.refine import refine
-
     model, original = two_linear(), two_linear()
     data = batches(2)
     new = SVD().compress(model[0], 2, None)[0]
     before_model = {k: v.clone() for k, v in model.state_dict().items()}
     before_new = {k: v.clone() for k, v in new.state_dict().items()}
-    result = refine(original, model, data, {"0": new}, Refine(steps=4, lr=1e-2, scope="model"))
-    assert result["steps"] == 4
+    refiner = _refiner("model_output")
+    refiner.refine({"0": new}, _run_context(model, original, data),
+                   refiner.Params(steps=4, lr=1e-2))
     assert all(torch.equal(before_model[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())  # no stray gradients
     assert all(p.grad is None for p in new.parameters())

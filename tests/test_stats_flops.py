@@ -8,15 +8,29 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.flop_counter import FlopCounterMode
 
+from musco_core import default_registry
 from musco_core.plan import candidate_layers
-from musco_core.stats import (
-    FlopCounter,
-    attention_flops,
-    collect_stats,
-    coverage,
-    probe_module,
-    recurrent_flops,
-)
+from musco_core.stats import FlopCounter as _Counter
+from musco_core.stats import collect_stats as _collect
+from musco_core.coverage import coverage
+from musco_core.stats import probe_module as _probe
+from musco_std.flop_formulas import attention_flops, recurrent_flops
+
+#: The registered FLOP formulas (first-party: RNNs and attention, musco_std.flop_formulas),
+#: as the engine hands them to the counter.
+FORMULAS = default_registry().flop_formulas()
+
+
+def FlopCounter(model):  # noqa: N802 - the counter with the registered formulas
+    return _Counter(model, FORMULAS)
+
+
+def collect_stats(model, inputs, names):
+    return _collect(model, inputs, names, FORMULAS)
+
+
+def probe_module(module, shape):
+    return _probe(module, shape, FORMULAS)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

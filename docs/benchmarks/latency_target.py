@@ -24,7 +24,7 @@ the original's fastest memory format (measured first); the compressor's statisti
 the budget rule's damage measurements) come from batch-1 example inputs, so the
 LatencyModel gets the setting's batch size (``LatencyModel(batch=...)``) for its timings.
 The budget rule's measured damage depends only on the model and the ranks, so it is
-memoised across settings (``JointContext.damage`` wrapped here; same numbers, less time).
+memoised across settings (``RoundContext.damage`` wrapped here; same numbers, less time).
 
 Reported per variant: the FLOP ratio; the **predicted** speedup (``T_rest`` plus the sum
 over matched layers of LatencyModel times, before / after); the **measured** end-to-end
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import musco_core as musco  # noqa: E402
-from musco_core import joint as _joint  # noqa: E402
+from musco_core import context as _joint  # noqa: E402
 from musco_core.fuse import fuse_for_inference  # noqa: E402
 from musco_std.latency import LatencyModel  # noqa: E402
 from musco_core.speed import benchmark  # noqa: E402
@@ -164,11 +164,11 @@ def models(smoke: bool):
 
 _DAMAGE: dict = {}
 _MEMO_SCOPE = [""]
-_original_damage = _joint.JointContext.damage
+_original_damage = _joint.RoundContext.damage
 
 
 def _memo_damage(self, layer, ranks, **kwargs):
-    """JointContext.damage, memoised by (model, layer, rank): it does not depend on the setting."""
+    """RoundContext.damage, memoised by (model, layer, rank): it does not depend on the setting."""
     scope = (_MEMO_SCOPE[0], layer.name)
     missing = [r for r in ranks if r is not None and (scope, r) not in _DAMAGE]
     if missing:
@@ -184,10 +184,11 @@ def _memo_damage(self, layer, ranks, **kwargs):
 
 def rules(rank: musco.RankRule, kxk: bool, min_speedup: float | None = None) -> list:
     small = ["conv1x1", "linear"]
-    out = [musco.Rule(match=small, decomposition="svd", rank=rank, min_speedup=min_speedup)]
+    gates = [] if min_speedup is None else [musco.Gate("min_speedup", factor=min_speedup)]
+    out = [musco.Rule(match=small, decomposition="svd", rank=rank, gates=gates)]
     if kxk:
         out.insert(0, musco.Rule(match="conv_kxk", decomposition="tucker2", rank=rank,
-                                 min_speedup=min_speedup))
+                                 gates=gates))
     return out
 
 
@@ -278,11 +279,11 @@ def layer_times(latency: LatencyModel, original: nn.Module, compressed: nn.Modul
 def main(argv=None) -> dict:
     """Run the benchmark; the damage memo is installed only while it runs (and emptied)."""
     _DAMAGE.clear()
-    _joint.JointContext.damage = _memo_damage
+    _joint.RoundContext.damage = _memo_damage
     try:
         return _main(argv)
     finally:
-        _joint.JointContext.damage = _original_damage
+        _joint.RoundContext.damage = _original_damage
         _DAMAGE.clear()
 
 

@@ -16,7 +16,7 @@ fewer encoder-Linear FLOPs, in these variants (each a fresh copy of the model):
 * ``+ refine``: plus local refinement (``Spec.refine``) of each step's new factors toward
   each layer's original output;
 * ``+ model refine``: the same toward the original encoder's output
-  (``Refine(scope="model")``).
+  (``Refine("model_output")``).
 
 Calibration text: *in-domain* — windows of 128 tokens cut from gensim's
 ``lee_background.cor`` (300 news documents from the same source as the 50 evaluation
@@ -144,8 +144,8 @@ def spec_for(variant: str, rate: float, *, per_step: int, refine_seconds: float,
             else musco.RankRule("budget", flop_reduction=rate, grid=budget_grid))
     kw = {}
     if refine:
-        kw["refine"] = musco.Refine(steps=1_000_000, seconds=refine_seconds, lr=refine_lr,
-                                    seed=0, scope=refine)
+        kw["refine"] = musco.Refine(f"{refine}_output", steps=1_000_000,
+                                    seconds=refine_seconds, lr=refine_lr, seed=0)
     if max_batches:
         kw["calibration"] = musco.Calibration(max_batches=max_batches)
     return musco.Spec(rules=[musco.Rule(match="linear", decomposition=decomposition, rank=rank)],

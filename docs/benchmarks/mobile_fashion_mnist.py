@@ -15,9 +15,9 @@ needs 1.5x fewer FLOPs, without any fine-tuning, in these variants:
 * ``whitened, sequential``: the same one layer per step, so that each layer is fitted to
   the *original* output from the inputs it sees in the partly compressed model;
 * ``whitened, sequential + refine``: plus local refinement toward each layer's original
-  output (``Refine(scope="layer")``);
+  output (``Refine("layer_output")``);
 * ``whitened, sequential + model refine``: plus local refinement toward the original
-  *model's* output (``Refine(scope="model")``);
+  *model's* output (``Refine("model_output")``);
 * ``budget, ...``: the same two, with ranks by the ``budget`` rule (``flop_reduction = 1.5``
   with ``scope = "model"``: the whole model's FLOPs, allocated by measured damage) instead of
   one rate for all layers.
@@ -216,8 +216,8 @@ def spec_for(variant, *, layer_rate: float, layers: int, refine_seconds: float,
                                 grid=budget_grid))
     kw = {}
     if refine:
-        kw["refine"] = musco.Refine(steps=1_000_000, seconds=refine_seconds / steps,
-                                    lr=refine_lr, seed=0, scope=refine)
+        kw["refine"] = musco.Refine(f"{refine}_output", steps=1_000_000,
+                                    seconds=refine_seconds / steps, lr=refine_lr, seed=0)
     return musco.Spec(rules=[musco.Rule(match="conv1x1", decomposition=decomposition,
                                         rank=rank)],
                       layers_per_step=per_step or 10_000, **kw), steps

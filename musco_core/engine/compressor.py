@@ -17,14 +17,13 @@ from torch import nn
 from musco_core._util import device_of, progress
 from musco_core.engine.state import RunState, StepView, plain_rank
 from musco_core.engine.step import Step
-from musco_core.errors import CompressionError, MuscoWarning, SpecError
+from musco_core.errors import MuscoWarning, SpecError
 from musco_core.plan import Plan, build_plan
 from musco_core.registry import Registry, default_registry
 from musco_core.report import LayerReport, RunReport, StepReport
 from musco_core.resolve import resolve_refine, resolve_rules
 from musco_core.spec import Spec, unstructure_params
 from musco_core.stats import eval_mode, param_count
-from musco_core.strategies import Layer
 
 if TYPE_CHECKING:
     from musco_core.calibration import CalibrationData, LayerData
@@ -391,52 +390,11 @@ class Compressor:
                 "params": unstructure_params(params)}
 
     def preview(self) -> list[LayerReport]:
-        """What the current round would do, without changing anything.
+        """What the current round would do, without changing anything (see
+        :func:`musco_core.engine.preview.preview`)."""
+        from musco_core.engine.preview import preview
 
-        One :class:`LayerReport` per planned layer with status ``"planned"``: the
-        rank the rule chooses now and the decomposition's parameter and FLOP
-        counts at that rank (nothing is decomposed, so there is no error), or
-        ``"skipped"`` with the reason. Layers the plan skipped (unsupported, tied
-        weights) are listed too, and the layers of later rounds (status ``"later"``).
-        Joint rules (``budget``) choose their ranks here if they have not yet, which
-        measures the model on the calibration data.
-        """
-        rows = []
-        self.ensure_joint_ranks(list(self.plan.layers))
-        step = Step(self, self.position, [])
-        for entry in self.plan.entries:
-            if entry.status == "skipped":
-                stats = self.stats.get(entry.name)
-                rows.append(LayerReport(
-                    name=entry.name, round=self.plan.round, decomposition=entry.decomposition,
-                    rank_rule=entry.rank_rule, status="skipped", reason=entry.reason,
-                    params_before=stats.params if stats else 0,
-                    params_after=stats.params if stats else 0,
-                    flops_before=stats.flops if stats else 0,
-                    flops_after=stats.flops if stats else 0))
-                continue
-            if entry.status != "compress":
-                continue
-            choice = step.choose(self.plan.round, entry.name)
-            if choice.skipped is not None:
-                rows.append(choice.skipped)
-                continue
-            decomposition = choice.rule.decomposition.strategy
-            rows.append(LayerReport(
-                status="planned", rank=choice.rank,
-                params_after=decomposition.param_count(choice.module, choice.rank),
-                flops_after=decomposition.flop_count(choice.module, choice.rank, choice.stats),
-                **choice.base))
-        for rnd, name, index in self.plan.later:
-            rule = self.rules[index]
-            stats = self.stats[name]
-            rows.append(LayerReport(
-                name=name, round=rnd, decomposition=rule.decomposition.name,
-                rank_rule=rule.rank.name, status="later", params_before=stats.params,
-                params_after=stats.params, flops_before=stats.flops, flops_after=stats.flops,
-                reason=f"round {rnd}: its rank is chosen when the round starts, on the "
-                       "factorized layer"))
-        return rows
+        return preview(self)
 
     def progress_over(self, work: list[tuple[int, str]], index: int):
         """The step's layers, with a progress bar when shown and there are several."""
@@ -447,36 +405,11 @@ class Compressor:
 
     def ensure_joint_ranks(self, names: list[str]) -> None:
         """Let each joint rule of the current round choose the ranks of all its layers, once."""
-        state = self.state
-        for rule in self.rules:
-            if not rule.rank.strategy.joint or rule.index in state.joint_ranks:
-                continue
-            if not any(self.plan.entry(n).rule == rule.index for n in names):
-                continue
-            from musco_core.context import RoundContext
+        if any(r.rank.strategy.joint and r.index not in self.state.joint_ranks
+               for r in self.rules):
+            from musco_core.engine.joint import choose_joint_ranks
 
-            layers = [Layer(e.name, self.model.get_submodule(e.name), self.stats[e.name],
-                            self.plan.round)
-                      for e in self.plan.entries if e.status == "compress" and e.rule == rule.index]
-            context = RoundContext(self.context(), rule.decomposition.strategy,
-                                   rule.decomposition.params, rule.rank.limits,
-                                   rule.rank.strategy.rounding)
-            label = f"rank rule {rule.rank.name!r}"
-            try:
-                ranks = rule.rank.strategy.select_joint(
-                    layers, rule.decomposition.strategy, rule.rank.params, context)
-            except Exception as exc:
-                raise CompressionError(
-                    f"{label} failed to choose the ranks of rule {rule.index}: "
-                    f"{type(exc).__name__}: {exc}; the model is unchanged", strategy=label
-                ) from exc
-            missing = [layer.name for layer in layers if layer.name not in ranks]
-            if missing:
-                raise CompressionError(f"{label} chose no rank for layer {missing[0]!r}",
-                                       layer=missing[0], strategy=label)
-            state.joint_ranks[rule.index] = dict(ranks)
-            if context.table is not None:
-                state.joint_tables[rule.index] = context.table
+            choose_joint_ranks(self, names)
 
     def _needs(self, name: str) -> frozenset[str]:
         rule = self.rules[self.plan.entry(name).rule]
