@@ -104,7 +104,7 @@ def test_hooks_with_kwargs_requires_grad_and_mode_are_kept():
 
 
 def test_an_interrupt_before_the_swap_leaves_everything_as_it_was(monkeypatch):
-    import musco_core.engine as engine
+    import musco_core.engine.step as engine
 
     model = Aliased().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

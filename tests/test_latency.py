@@ -304,17 +304,17 @@ def test_round_by_speed_in_a_rule_rounds_to_the_fast_rank_and_reports_the_timing
     assert clamped.layers[0].rank == 20
     assert clamped.layers[0].time_after == pytest.approx(0.40)
 
-    with pytest.raises(musco.SpecError, match=r"give 'round_to' or 'round_by_speed', not both"):
+    with pytest.raises(musco.SpecError, match=r"give 'round_to' or the 'round_by_speed' gate, not both"):
         musco.Compressor(net, musco.Spec(rules=[musco.Rule(
             match="linear", decomposition="svd",
             rank=musco.RankRule("fixed", rank=21, round_to=8), round_by_speed=8)]),
             torch.randn(2, 64))
-    with pytest.raises(musco.SpecError, match=r"'round_by_speed' does not apply to the joint"):
+    with pytest.raises(musco.SpecError, match=r"'round_by_speed' gate does not apply to the joint"):
         musco.Compressor(net, musco.Spec(rules=[musco.Rule(
             match="linear", decomposition="svd",
             rank=musco.RankRule("budget", flop_reduction=2.0), round_by_speed=8)]),
             torch.randn(2, 64))
     spec = musco.Spec.from_dict({"rules": [{"match": "linear", "decomposition": "svd",
                                             "rank": "vbmf", "round_by_speed": 16}]})
-    assert spec.rules[0].round_by_speed == 16
+    assert spec.rules[0].gates == (musco.Gate("round_by_speed", multiple=16),)
     assert musco.Spec.from_dict(spec.to_dict()) == spec

@@ -307,7 +307,8 @@ def test_misspelled_hook_names_are_caught_at_registration():
 
 def test_available_lists_every_kind_with_its_distribution():
     table = musco.available()
-    assert set(table) == {"decompositions", "rank_rules", "matchers"}
+    assert set(table) == {"decompositions", "rank_rules", "matchers", "statistics", "refiners",
+                          "costs", "gates", "flop_formulas"}
     matchers = {row["name"] for row in table["matchers"]}
     assert {"linear", "conv1x1", "conv_kxk", "glob", "regex"} <= matchers
     assert all(row["distribution"] == "musco" for row in table["rank_rules"])

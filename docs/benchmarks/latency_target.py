@@ -60,7 +60,8 @@ from musco_core import context as _joint  # noqa: E402
 from musco_core.fuse import fuse_for_inference  # noqa: E402
 from musco_std.latency import LatencyModel  # noqa: E402
 from musco_core.speed import benchmark  # noqa: E402
-from musco_core.stats import _first_tensor, run_model  # noqa: E402
+from musco_core._util import first_tensor  # noqa: E402
+from musco_core.stats import run_model  # noqa: E402
 
 TARGET = 1.5
 VARIANTS = ["flop 2x", "flop 2x, min_speedup 1.05", "latency 1.5x (layers)",
@@ -256,8 +257,8 @@ def _targets_text(targets: dict[str, float]) -> str:
 
 def cosine(a: nn.Module, b: nn.Module, x) -> float:
     with torch.no_grad():
-        ya = _first_tensor(run_model(a, x)).flatten(1).double()
-        yb = _first_tensor(run_model(b, x)).flatten(1).double()
+        ya = first_tensor(run_model(a, x)).flatten(1).double()
+        yb = first_tensor(run_model(b, x)).flatten(1).double()
     return float(F.cosine_similarity(ya, yb, dim=1).mean())
 
 

@@ -148,7 +148,7 @@ class StatsTimer:
         self.calls = 0
 
     def __enter__(self):
-        import musco_core.engine as engine
+        import musco_core.calibration as engine  # the engine looks it up there at each step
 
         self._engine, self._original = engine, engine.collect_layer_data
 
@@ -234,19 +234,22 @@ def run_variant(model, variant, data, calibration, *, layer_rate, refine_seconds
     whiten, _, refine, _ = VARIANTS[variant]
     needs_data = whiten or refine or VARIANTS[variant][3] == "budget"
     refine_time = 0.0
-    import musco_core.refine as refine_module
+    from musco_std.refiners import LayerOutput, ModelOutput
 
-    original_refine = refine_module.refine
+    originals = {cls: cls.refine for cls in (LayerOutput, ModelOutput)}
 
-    def timed_refine(*a, **kw):
-        nonlocal refine_time
-        started = time.perf_counter()
-        try:
-            return original_refine(*a, **kw)
-        finally:
-            refine_time += time.perf_counter() - started
+    def timed(original):
+        def timed_refine(*a, **kw):
+            nonlocal refine_time
+            started = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                refine_time += time.perf_counter() - started
+        return timed_refine
 
-    refine_module.refine = timed_refine
+    for cls, original in originals.items():
+        cls.refine = timed(original)
     try:
         with StatsTimer() as stats, C.Timer() as t:
             compressor = musco.Compressor(model, spec, example_inputs=example,
@@ -255,7 +258,8 @@ def run_variant(model, variant, data, calibration, *, layer_rate, refine_seconds
             while not compressor.done:
                 compressor.step()
     finally:
-        refine_module.refine = original_refine
+        for cls, original in originals.items():
+            cls.refine = original
     report = compressor.report()
     errors = [r.output_error for s in report.steps for r in s.layers
               if r.status == "compressed" and r.output_error is not None]

@@ -3,6 +3,7 @@
 Decompositions: :func:`check_decomposition`, :func:`parametrize_with_checks`.
 Rank rules: :func:`check_rank_rule`, and :func:`compare_rank_rules` to compare
 a new rule with another (say ``vbmf``) on the same model.
+Policy kinds: :func:`check_statistic`, :func:`check_cost`, :func:`check_gate`.
 
 ::
 
@@ -39,6 +40,7 @@ from musco_core.testing.checks import (
     tucker2_reference,
 )
 from musco_core.testing.data import DATA_LAYERS, anisotropic_inputs, check_data_aware
+from musco_core.testing.kinds import check_cost, check_gate, check_statistic
 from musco_core.testing.rank_rules import RankComparison, check_rank_rule, compare_rank_rules
 from musco_core.testing.strategies import (
     ConvConfig,
@@ -68,4 +70,5 @@ __all__ = [
     "low_rank_matrices", "low_rank_matrix", "noisy", "parametrize_with_checks", "seeds",
     "tucker2_weight", "tucker2_weights",
     "DATA_LAYERS", "anisotropic_inputs", "check_data_aware",
+    "check_cost", "check_gate", "check_statistic",
 ]
