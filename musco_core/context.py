@@ -16,7 +16,7 @@ import attrs
 import torch
 from torch import nn
 
-from musco_core._util import OutputError, first_tensor, progress
+from musco_core._util import OutputError, device_of, first_tensor, progress
 from musco_core.calibration import CalibrationData, collect_layer_data, paired_pass
 from musco_core.errors import SpecError
 from musco_core.stats import LayerStats, eval_mode, param_count, run_model
@@ -72,8 +72,8 @@ class RunContext:
 
     @property
     def device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        """The model's device (where the latency model times layers by default)."""
+        return device_of(self.model)
 
     def progress(self, iterable: Iterable[Any], desc: str | None = None,
                  total: int | None = None) -> Iterable[Any]:

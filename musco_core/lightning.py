@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,9 +54,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
         f"(or pip install 'lightning>=2.2'); the import failed with: {exc}"
     ) from exc
 
+from musco_core._util import device_of
 from musco_core.engine import Compressor
 from musco_core.finetune import parameter_names, rebuild_optimizer, retarget_schedulers
-from musco_core.persist import atomic_save, rebuild
+from musco_core.persist import rebuild
 from musco_core.report import StepReport
 from musco_core.spec import Spec
 
@@ -151,7 +151,7 @@ class CompressionCallback(Callback):
         if self.compressor is None:  # a fresh run: the module holds its trained weights now
             module = self._target(pl_module)
             self.compressor = Compressor(
-                module, self.spec, _to_device(self.example_inputs, _device_of(module)),
+                module, self.spec, _to_device(self.example_inputs, device_of(module)),
                 calibration=self.calibration, inplace=True, progress=False,
                 registry=self.registry)
 
@@ -241,20 +241,12 @@ class CompressionCallback(Callback):
         prefix = f"{self.module_attr}." if self.module_attr else ""
         own = module.state_dict()
         saved["model"] = {k: weights.get(prefix + k, v) for k, v in own.items()}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "state.musco"
-            atomic_save(saved, path)
-            compressor = Compressor.resume(
-                path, original, example_inputs=self.example_inputs,
-                calibration=self.calibration, progress=False, registry=self.registry)
+        compressor = Compressor.from_state(
+            saved, original, example_inputs=self.example_inputs, calibration=self.calibration,
+            progress=False, registry=self.registry, source="the Lightning checkpoint")
         compressor.model = module  # continue in place, on the module Lightning trains
         self.compressor = compressor
         self.last = state.get("last")
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _to_device(inputs: Any, device: torch.device) -> Any:

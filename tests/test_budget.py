@@ -23,7 +23,7 @@ RULE = Budget()
 
 
 class FakeContext:
-    """A JointContext stand-in: exact FLOP/param counts, synthetic latency and damage.
+    """A RoundContext stand-in (the protocol budget uses): exact FLOP/param counts, synthetic latency and damage.
 
     Damage of a rank is ``sensitivity * mean_i (1 - r_i / full_i)^2`` (0 for ``None``).
     Latency is a launch cost per module plus FLOPs over a throughput, so factorizing
@@ -60,6 +60,9 @@ class FakeContext:
         s = self.sensitivity.get(layer.name, 1.0)
         return [s * sum((1 - r / f) ** 2 for r, f in zip(rank_tuple(rank), full)) / len(full)
                 for rank in ranks]
+
+    def rest_cost(self, metric, layers):
+        return 0.0
 
     def progress(self, iterable, desc):
         return iterable
@@ -375,3 +378,59 @@ def test_the_docs_toml_spec_is_the_python_spec():
     namespace: dict = {}
     exec(code, namespace)
     assert Spec.from_toml(toml) == namespace["spec"]
+
+
+def test_a_reduction_of_any_registered_cost_is_a_target():
+    _, by_name, _ = run("transformer", flop_reduction=2.0)
+    _, by_cost, context = run("transformer", reduction=2.0, cost="flops")
+    assert by_cost == by_name
+    assert context.records["budget"].metric == "flops"
+    assert context.records["budget"].target == "reduction"
+    with pytest.raises(ValueError, match="'reduction' and 'cost' go together"):
+        BudgetParams(reduction=2.0)
+    with pytest.raises(ValueError, match="give exactly one target"):
+        BudgetParams(reduction=2.0, cost="flops", flop_reduction=2.0)
+
+
+def test_budget_counts_a_plugin_cost_through_the_round_context():
+    import musco_core as musco
+    import torch
+    from torch import nn as tnn
+
+    class Weighted(musco.Cost):
+        """FLOPs, but the first layer's count triple: the allocator must cut it harder."""
+
+        name = "weighted_flops"
+
+        def layer(self, layer, rank, context):
+            flops = (layer.stats.flops if rank is None else
+                     context.decomposition.flop_count(layer.module, rank, layer.stats))
+            return flops * (3.0 if layer.name == "0" else 1.0)
+
+        def model(self, context):
+            return float(context.run.model_flops)
+
+    class Plugin:
+        @musco.hookimpl
+        def musco_add_costs(self, register):
+            register(Weighted())
+
+    registry = musco.Registry()
+    registry.register_plugin(Plugin(), name="weighted-cost")
+    torch.manual_seed(0)
+    model = tnn.Sequential(tnn.Linear(64, 64), tnn.ReLU(), tnn.Linear(64, 64))
+
+    def ranks(**target):
+        spec = musco.Spec(rules=[musco.Rule(match="linear", decomposition="svd",
+                                            rank=musco.RankRule("budget", grid=4, **target))])
+        compressor = musco.Compressor(model, spec, torch.randn(4, 64), registry=registry)
+        compressor.preview()
+        return compressor.joint_ranks[0], compressor.joint_tables[0]
+
+    plain, _ = ranks(flop_reduction=2.0)
+    weighted, table = ranks(reduction=2.0, cost="weighted_flops")
+    assert table.metric == "weighted_flops"
+    assert table.reduction >= 2.0
+    assert (weighted["0"] or 64) <= (plain["0"] or 64)  # the expensive layer gives up more
+    with pytest.raises(musco.CompressionError, match="unknown cost 'no_such_cost'"):
+        ranks(reduction=2.0, cost="no_such_cost")

@@ -539,7 +539,7 @@ class _NeedyDecomposition(musco.Decomposition):
 
     @attrs.frozen
     class Params:
-        need: str = "input_abs_mean"
+        need: str = "input_abs_maks"
 
     def needs(self, params):
         return frozenset({params.need})
@@ -602,7 +602,7 @@ def test_an_unknown_statistic_in_needs_is_a_spec_error(test_registry):
     with pytest.raises(SpecError) as excinfo:
         spec.validate(registry=test_registry)
     (problem,) = excinfo.value.problems
-    assert problem.startswith("unknown statistic 'input_abs_mean' needed by decomposition "
+    assert problem.startswith("unknown statistic 'input_abs_maks' needed by decomposition "
                               "'needy_svd'; did you mean 'input_abs_max'? (available: ")
     assert problem.endswith("@ $.rules[0].decomposition")
     for known in ("input_abs_max", "abs_max"):  # a name or an alias

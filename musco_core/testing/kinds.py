@@ -40,8 +40,12 @@ from musco_core.testing.rank_rules import sample_layers
 
 __all__ = ["check_cost", "check_gate", "check_statistic"]
 
-#: What a layer report already says about a layer; a gate's fields may not overwrite them.
-_IDENTITY_FIELDS = frozenset({"name", "round", "decomposition", "rank_rule", "status", "rank"})
+#: LayerReport fields the engine sets itself; a gate's report fields may not name them
+#: (the engine passes a gate's fields next to its own, so a clash is a TypeError or an
+#: overwritten name, status or count).
+_ENGINE_FIELDS = frozenset({"name", "round", "decomposition", "rank_rule", "status", "rank",
+                            "params_before", "params_after", "flops_before", "flops_after",
+                            "rel_error", "seconds", "reason", "warning"})
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -329,10 +333,10 @@ def check_cost(cost: Cost | str, decomposition: Decomposition | str = "svd", par
 
 def _report_fields(fields: Any, where: str, what: str) -> None:
     assert isinstance(fields, Mapping), f"{where}: {what} fields are {fields!r}, not a dict"
-    allowed = set(attrs.fields_dict(LayerReport)) - _IDENTITY_FIELDS
+    allowed = set(attrs.fields_dict(LayerReport)) - _ENGINE_FIELDS
     unknown = sorted(set(fields) - allowed)
-    assert not unknown, (f"{where}: {what} returned report fields {unknown} that a LayerReport "
-                         f"does not have (it has {sorted(allowed)})")
+    assert not unknown, (f"{where}: {what} returned report fields {unknown}; a gate may set "
+                         f"only the LayerReport fields {sorted(allowed)} (the engine sets the others)")
 
 
 @one_thread
@@ -350,7 +354,8 @@ def check_gate(gate: GateStrategy | str, params: Any = None, *,
     - ``problems(params, rank rule, limits)`` returns a list of str (rank rule:
       ``rank_rule`` from the registry, default limits);
     - ``adjust`` returns ``(rank, fields)``: a rank ``validate_rank`` accepts and a dict
-      of :class:`musco_core.LayerReport` fields (not its name, status or rank);
+      of :class:`musco_core.LayerReport` fields the engine does not set itself
+      (``time_before``, ``time_after`` ...; not its name, status, rank, counts or warning);
     - ``keep`` of the module built at that rank returns a :class:`musco_core.Verdict`
       whose ``keep`` is a bool, ``reason`` a str (not empty when the layer is dropped:
       the report shows it) and ``fields`` LayerReport fields;

@@ -93,6 +93,12 @@ class BudgetParams:
     param_reduction: Any = attrs.field(default=None, converter=_to_float, validator=_target)
     #: Target: the summed measured latency of the matched layers shrinks by this factor.
     latency_reduction: Any = attrs.field(default=None, converter=_to_float, validator=_target)
+    #: Target: the summed ``cost`` of the matched layers shrinks by this factor, for any
+    #: registered cost (a plugin's too; first-party: ``flops``, ``params``, ``latency``).
+    reduction: Any = attrs.field(default=None, converter=_to_float, validator=_target)
+    #: The registered cost ``reduction`` counts.
+    cost: Any = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.instance_of(str)))
     #: Candidate ranks measured per layer, evenly spaced from the floor to the largest
     #: rank that still makes the layer cheaper.
     grid: Any = attrs.field(default=8, validator=_grid)
@@ -114,18 +120,21 @@ class BudgetParams:
     batches: Any = attrs.field(default=None, validator=_batches)
 
     def __attrs_post_init__(self) -> None:
-        given = [name for name in TARGETS if getattr(self, name) is not None]
+        given = [name for name in (*TARGETS, "reduction") if getattr(self, name) is not None]
         if len(given) != 1:
             which = "none" if not given else " and ".join(repr(n) for n in given)
             raise ValueError(
-                f"give exactly one target of 'flop_reduction', 'param_reduction' and "
-                f"'latency_reduction' (a number > 1); got {which}"
+                f"give exactly one target of 'flop_reduction', 'param_reduction', "
+                f"'latency_reduction' and 'reduction' with 'cost' (a number > 1); got {which}"
             )
+        if (self.reduction is None) != (self.cost is None):
+            raise ValueError("'reduction' and 'cost' go together: 'cost' names the registered "
+                             "cost (e.g. \"flops\") that 'reduction' divides")
 
     @property
     def target(self) -> tuple[str, float]:
         """The target's name and value, e.g. ``("flop_reduction", 2.0)``."""
-        for name in TARGETS:
+        for name in (*TARGETS, "reduction"):
             value = getattr(self, name)
             if value is not None:
                 return name, value
@@ -133,8 +142,9 @@ class BudgetParams:
 
     @property
     def metric(self) -> str:
-        """The cost metric of the target: ``"flops"``, ``"params"`` or ``"latency"``."""
-        return TARGETS[self.target[0]]
+        """The registered cost the target counts (``"flops"``, ``"params"``, ``"latency"``, ...)."""
+        name = self.target[0]
+        return self.cost if name == "reduction" else TARGETS[name]
 
 
 # -- the allocation ---------------------------------------------------------------------
@@ -539,8 +549,7 @@ class Budget(RankSelector):
         grids = [self._grid(layer, decomposition, params, metric, context) for layer in layers]
         before = sum(g.before for g in grids)
         # scope = "model": the target is the whole model's, the rest of the model counts too.
-        rest = (float(context.rest_cost(metric, layers))
-                if params.scope == "model" and hasattr(context, "rest_cost") else 0.0)
+        rest = float(context.rest_cost(metric, layers)) if params.scope == "model" else 0.0
         budget = ((before + rest) / value - rest) * (1 + 1e-12)
         if before <= 0:  # nothing to reduce (e.g. no FLOPs recorded): nothing changes
             rows = [self._row(g, (), "nothing to reduce: the layers cost 0") for g in grids]
@@ -549,9 +558,7 @@ class Budget(RankSelector):
         self._check_reach(grids, params, budget, target, value, rest, [
             min([*g.costs.values()] + ([g.before] if params.allow_skip or not g.costs else []))
             for g in grids])
-        loop = grids
-        if hasattr(context, "progress"):
-            loop = context.progress(grids, desc=f"budget: damage of {len(grids)} layers")
+        loop = context.progress(grids, desc=f"budget: damage of {len(grids)} layers")
         rows, options, choices = [], [], []
         for g in loop:
             candidates = self._damage(g, params, context)
@@ -628,8 +635,7 @@ class Budget(RankSelector):
 
     def _finish(self, target, value, metric, rows, context) -> dict[str, Rank | None]:
         table = SensitivityTable(target, value, metric, tuple(rows))
-        if hasattr(context, "record"):
-            context.record(self.name, table)
+        context.record(self.name, table)
         return table.ranks()
 
     @staticmethod
