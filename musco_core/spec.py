@@ -21,7 +21,6 @@ The dict / TOML / YAML form writes a strategy as its name, or as a table with a
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,6 @@ from musco_core.refs import (
 )
 from musco_core.resolve import resolve_refine, resolve_rules
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "Calibration", "Decompose", "FrozenDict", "Gate", "Match", "RankRule", "Refine", "Rule",
@@ -286,43 +281,23 @@ class Spec:
     @classmethod
     def from_toml(cls, text: str) -> Spec:
         """Build a spec from TOML text (see the module docstring for the form)."""
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise SpecError(f"invalid TOML: {exc}") from None
-        except RecursionError:
-            raise SpecError("invalid TOML: nested too deeply") from None
-        return cls.from_dict(data)
+        from musco_core.spec_text import parse
+
+        return cls.from_dict(parse(text, "toml"))
 
     @classmethod
     def from_yaml(cls, text: str) -> Spec:
         """Build a spec from YAML text (needs PyYAML: ``pip install musco[yaml]``)."""
-        try:
-            import yaml
-        except ImportError:
-            raise ImportError("Spec.from_yaml needs PyYAML: pip install 'musco[yaml]'") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SpecError(f"invalid YAML: {exc}") from None
-        except RecursionError:
-            raise SpecError("invalid YAML: nested too deeply") from None
-        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp like 2001-02-30
-            raise SpecError(f"invalid YAML: {exc}") from None
-        return cls.from_dict(data)
+        from musco_core.spec_text import parse
+
+        return cls.from_dict(parse(text, "yaml"))
 
     @classmethod
     def from_json(cls, text: str) -> Spec:
         """Build a spec from JSON text."""
-        import json
+        from musco_core.spec_text import parse
 
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"invalid JSON: {exc}") from None
-        except RecursionError:
-            raise SpecError("invalid JSON: nested too deeply") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse(text, "json"))
 
     @classmethod
     def load(cls, path: str | Path) -> Spec:
@@ -331,19 +306,12 @@ class Spec:
         A file that does not exist raises :class:`FileNotFoundError`; every problem
         with its contents raises :class:`SpecError` naming the file.
         """
+        from musco_core.spec_text import parse, read
+
         path = Path(path)
-        suffix = path.suffix.lower()
-        readers = {".toml": cls.from_toml, ".yaml": cls.from_yaml, ".yml": cls.from_yaml,
-                   ".json": cls.from_json}
-        if suffix not in readers:
-            raise SpecError(
-                f"unknown spec file type {suffix!r} for {path}; use .toml, .yaml or .json")
+        form, text = read(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise SpecError(f"{path} is not UTF-8 text: {exc}") from None
-        try:
-            return readers[suffix](text)
+            return cls.from_dict(parse(text, form))
         except SpecError as exc:
             raise SpecError([f"{path}: {p}" for p in exc.problems]) from None
 
@@ -355,11 +323,9 @@ class Spec:
 
     def to_toml(self) -> str:
         """The TOML form (what :meth:`from_toml` reads)."""
-        import tomli_w
+        from musco_core.spec_text import to_toml
 
-        data = self.to_dict()
-        _reject_none(data, "$")
-        return tomli_w.dumps(data)
+        return to_toml(self.to_dict())
 
     def validate(self, registry=None) -> None:
         """Check strategy names and parameters against the registry; raise :class:`SpecError`.
@@ -378,20 +344,6 @@ class Spec:
                 problems += exc.problems
         if problems:
             raise SpecError(problems)
-
-
-def _reject_none(value: Any, path: str) -> None:
-    if value is None:
-        raise SpecError(
-            f"TOML has no null, so None cannot be written @ {path}; leave such a layer out "
-            "with Spec.exclude, or write the spec as YAML or JSON"
-        )
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            _reject_none(v, f"{path}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _reject_none(v, f"{path}[{i}]")
 
 
 
