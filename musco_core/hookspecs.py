@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker("musco")
 
+#: The step hooks' ``compressor`` argument is deprecated: an implementation that asks
+#: for it gets this warning when its plugin is registered.
+_COMPRESSOR_DEPRECATED = {"compressor": DeprecationWarning(
+    "the 'compressor' argument of the musco step hooks is deprecated and will be removed; "
+    "take 'context' (a musco_core.StepView: model, spec, plan, position, reports, manifest)")}
+
 
 @hookspec
 def musco_add_decompositions(register: Callable[..., None]) -> None:
@@ -93,7 +99,7 @@ def musco_add_flop_formulas(register: Callable[..., None]) -> None:
     """
 
 
-@hookspec
+@hookspec(warn_on_impl_args=_COMPRESSOR_DEPRECATED)
 def musco_step_started(context: StepView, step: int, layers: list[str],
                        compressor: Compressor) -> None:
     """Called before the engine compresses the layers of a step.
@@ -107,7 +113,7 @@ def musco_step_started(context: StepView, step: int, layers: list[str],
     """
 
 
-@hookspec
+@hookspec(warn_on_impl_args=_COMPRESSOR_DEPRECATED)
 def musco_step_finished(context: StepView, step: int, report: StepReport,
                         compressor: Compressor) -> None:
     """Called after a step succeeded and its layers were swapped into the model.
@@ -123,7 +129,7 @@ def musco_step_finished(context: StepView, step: int, report: StepReport,
     """
 
 
-@hookspec
+@hookspec(warn_on_impl_args=_COMPRESSOR_DEPRECATED)
 def musco_step_failed(context: StepView, step: int, error: BaseException,
                       compressor: Compressor) -> None:
     """Called after a step failed and the model was restored to its state before the step.

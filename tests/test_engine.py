@@ -135,7 +135,8 @@ class HookRecorder:
         register(self.flaky)
 
     @musco.hookimpl
-    def musco_step_started(self, compressor, step, layers):
+    def musco_step_started(self, context, step, layers):
+        assert isinstance(context, musco.StepView) and context.position == step
         self.events.append(("started", step, tuple(layers)))
 
     @musco.hookimpl
@@ -143,7 +144,7 @@ class HookRecorder:
         self.events.append(("finished", step, len(report.layers)))
 
     @musco.hookimpl
-    def musco_step_failed(self, compressor, step, error):
+    def musco_step_failed(self, context, step, error):
         self.events.append(("failed", step, type(error).__name__))
 
 
@@ -196,6 +197,23 @@ def test_musco_step_finished(recorder):
     while not compressor.done:
         compressor.step()
     assert [e for e in plugin.events if e[0] == "finished"] == [("finished", 0, 3), ("finished", 1, 1)]
+
+
+def test_a_step_hook_taking_the_deprecated_compressor_warns_and_still_gets_it():
+    seen = []
+
+    class Old:
+        @musco.hookimpl
+        def musco_step_started(self, compressor, step):
+            seen.append(compressor)
+
+    registry = Registry()
+    with pytest.warns(DeprecationWarning, match="'compressor' argument of the musco step hooks"):
+        registry.register_plugin(Old())
+    compressor = musco.Compressor(wide_model(), Spec(rules=[SVD_RULE]), torch.randn(1, 16),
+                                  registry=registry)
+    compressor.step()
+    assert seen == [compressor]
 
 
 def test_musco_step_failed(recorder):

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import attrs
 import pytest
 import torch
