@@ -13,7 +13,7 @@ from torch import nn
 
 import musco_core as musco
 from musco_asvd import ASVD, ASVDParams, InputAbsMean, asvd_factors, asvd_scale
-from musco_core.testing import check_decomposition, check_statistic, svd_reference
+from musco_core.testing import check_data_aware, check_decomposition, check_statistic, svd_reference
 from musco_std.svd import SVDConv1x1, SVDLinear
 
 asvd = ASVD()
@@ -151,6 +151,17 @@ def test_beats_plain_svd_in_output_error_where_feature_magnitudes_differ(alpha):
             plain, _ = asvd.compress(layer, rank, ASVDParams(alpha))
             e_asvd, e_plain = _relative(fitted(x), y), _relative(plain(x), y)
             assert e_asvd < 0.7 * e_plain, (rank, e_asvd, e_plain)
+
+
+def test_the_data_aware_kit_builds_its_data_through_the_registered_statistic():
+    """check_data_aware looks ``input_abs_mean`` up in the registry and feeds it rows, on
+    rotated anisotropic inputs (Linear, 1x1 and strided 1x1 convs). ASVD is a heuristic, not
+    optimal for output error, so this is no general guarantee; on these layers it is no worse
+    than plain SVD at the kit's default tolerance."""
+    check_data_aware(asvd, ASVDParams(0.5), ASVDParams(0.0), registry=musco.default_registry())
+    with pytest.raises(AssertionError, match=r"unknown statistics \['input_abs_mean'\]"):
+        check_data_aware(asvd, ASVDParams(0.5), ASVDParams(0.0),
+                         registry=musco.Registry(autoload=False))
 
 
 def test_alpha_zero_is_plain_svd_and_needs_nothing():
