@@ -248,8 +248,12 @@ class RoundContext:
                     if i >= self._batches:
                         break
                     batches.append(batch)
-            else:
+            elif run.example_inputs is not None:
                 batches = [run.example_inputs]
+            else:
+                raise SpecError("measuring damage without calibration data runs the model on "
+                                "the example inputs, and this run has none: pass "
+                                "example_inputs= (or calibration=) to Compressor.resume")
             with torch.no_grad(), eval_mode(run.model):
                 self._reference = [(b, first_tensor(run_model(run.model, b)).detach().clone())
                                    for b in batches]

@@ -478,7 +478,11 @@ class GateStrategy(Strategy):
 
     def adjust(self, layer: Layer, rank: Rank, context: Any, params: Any,
                ) -> tuple[Rank, dict[str, Any]]:
-        """The rank to build instead of ``rank``, and fields for the layer's report."""
+        """The rank to build instead of ``rank``, and fields for the layer's report.
+
+        The fields may be ``time_before`` and ``time_after`` (measured seconds);
+        anything else is a :class:`~musco_core.CompressionError` naming the gate.
+        """
         return rank, {}
 
     def keep(self, layer: Layer, module: nn.Module, context: Any, params: Any) -> Verdict:

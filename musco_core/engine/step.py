@@ -127,7 +127,7 @@ class Step:
                 except Exception as exc:
                     raise failure(name, rnd, f"gate {gate.name!r} failed", exc,
                                   f"gate {gate.name!r}") from exc
-                base.update(fields)
+                base.update(gate_fields(gate.name, name, rnd, fields))
         choice = Choice(rule, module, stats, base, rank, data)
         unchanged = {"params_after": stats.params, "flops_after": stats.flops, **base}
         if rank is None:
@@ -247,7 +247,8 @@ class Step:
                 except Exception as exc:
                     raise failure(name, run.plan.round, f"gate {gate.name!r} failed", exc,
                                   f"gate {gate.name!r}") from exc
-                report = attrs.evolve(self.reports[name], **dict(verdict.fields))
+                fields = gate_fields(gate.name, name, run.plan.round, verdict.fields)
+                report = attrs.evolve(self.reports[name], **fields)
                 if not verdict.keep:
                     stats = run.stats[name]
                     report = attrs.evolve(report, status="skipped", params_after=stats.params,
@@ -261,6 +262,20 @@ class Step:
         entries = [self.run.manifest_entry(self.reports[name]) for name in self.built]
         replace_modules(self.run.model, {name: b.module for name, b in self.built.items()})
         return entries
+
+
+#: The layer report fields a gate may fill (everything else is the engine's).
+GATE_FIELDS = frozenset({"time_before", "time_after"})
+
+
+def gate_fields(gate: str, name: str, rnd: int, fields: Any) -> dict[str, Any]:
+    """A gate's report fields, checked: only :data:`GATE_FIELDS` may be set."""
+    fields = dict(fields)
+    wrong = sorted(set(fields) - GATE_FIELDS)
+    if wrong:
+        raise failure(name, rnd, f"gate {gate!r} returned report fields {wrong}; a gate may "
+                      f"set only {sorted(GATE_FIELDS)}", None, f"gate {gate!r}")
+    return fields
 
 
 def failure(name: str, rnd: int, what: str, exc: BaseException | None,
