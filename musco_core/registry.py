@@ -13,12 +13,28 @@ Environment switches (read when a registry is created):
     a broken third-party plugin is an error (:class:`PluginError`) instead of a
     warning.
 
-A third-party plugin that fails to import, raises in a registration hook or
-registers something invalid is *broken*: it is skipped (unregistered), a
-:class:`PluginWarning` names it and its distribution, and :attr:`Registry.broken`
-and ``musco plugins`` list it. Specs that use only working strategies keep
-working. Plugins you register yourself with :meth:`Registry.register_plugin`, and
-the first-party plugin, raise :class:`PluginError` instead.
+The first-party plugin (the entry points of the ``musco`` distribution) loads
+first, wherever it is on ``sys.path``; third-party plugins follow in entry-point
+order, then plugins registered with :meth:`Registry.register_plugin`.
+
+A third-party plugin that fails to import, raises in a registration hook,
+registers something invalid, or registers a name (or alias) that an earlier
+plugin registered is *broken*: it is skipped as a whole (unregistered), a
+:class:`PluginWarning` names it and its distribution (for a name clash, both
+distributions), and :attr:`Registry.broken` and ``musco plugins`` list it.
+Specs that use only working strategies keep working. Plugins you register
+yourself with :meth:`Registry.register_plugin`, and the first-party plugin,
+raise :class:`PluginError` instead.
+
+Replacing a strategy on purpose is an opt-in: ``register(strategy,
+override=True)`` takes over the names and aliases of the strategy registered
+under the same name (or alias) before; :meth:`Registry.available` lists the
+replacement with its distribution and what it overrides. Only one plugin may
+replace a given strategy: a second override of it is a clash.
+
+``Registry()`` collects every plugin's strategies when it is created, so
+:attr:`Registry.broken` is complete right away; the warning about a plugin whose
+registration hooks failed is given when the strategies are first used.
 """
 
 from __future__ import annotations
@@ -58,12 +74,17 @@ KINDS: dict[str, tuple[str, type[Strategy], str]] = {
 
 @attrs.frozen
 class Entry:
-    """A registered strategy and where it came from."""
+    """A registered strategy and where it came from.
+
+    ``replaces`` is the entry it took the name of, when it was registered with
+    ``override=True`` over an earlier one.
+    """
 
     name: str
     strategy: Strategy
     distribution: str | None
     aliases: tuple[str, ...] = ()
+    replaces: Entry | None = None
 
 
 @attrs.frozen
@@ -97,6 +118,16 @@ def _distribution_of(obj: Any, packages: dict[str, list[str]]) -> str | None:
     return dists[0] if dists else None
 
 
+def _ep_distribution(ep: Any) -> str | None:
+    return ep.dist.name if ep.dist is not None else None
+
+
+def _origin(strategy: Any, dist: str | None) -> str:
+    """``"SVD from distribution 'musco'"``: who registered a strategy, for messages."""
+    where = f"from distribution {dist!r}" if dist else "(not from an installed distribution)"
+    return f"{type(strategy).__name__} {where}"
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """A ``"; did you mean 'x'?"`` suffix, or the list of valid choices."""
     choices = sorted(choices)
@@ -122,6 +153,10 @@ class Registry:
         self.broken: list[BrokenPlugin] = []
         # Entry-point plugins whose failures are isolated: name -> distribution.
         self._isolated: dict[str, str | None] = {}
+        # Every plugin loaded from an entry point (first-party too): name -> distribution.
+        self._sources: dict[str, str | None] = {}
+        # Warnings about broken plugins found while the registry was created, given on first use.
+        self._deferred: list[str] = []
         self.strict = _env_flag("MUSCO_STRICT_PLUGINS")
         if _env_flag("MUSCO_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(sys.stderr.write)
@@ -133,6 +168,8 @@ class Registry:
         if autoload:
             self._load_entry_points(first_party_only=_env_flag("MUSCO_DISABLE_PLUGIN_AUTOLOAD"),
                                     blocked=blocked_names)
+            # Collect now, so that `broken` is complete as soon as the registry exists.
+            self._entries = self._collect(defer=True)
 
     def _load_entry_points(self, *, first_party_only: bool, blocked: list[str]) -> None:
         eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
@@ -142,11 +179,13 @@ class Registry:
                 warnings.warn(
                     f"MUSCO_BLOCK_PLUGINS names {name!r}, which is not an installed musco "
                     f"plugin; {did_you_mean(name, known)}", PluginWarning, stacklevel=3)
-        if not any(ep.dist is not None and ep.dist.name == FIRST_PARTY_DISTRIBUTION
-                   for ep in eps):
+        if not any(_ep_distribution(ep) == FIRST_PARTY_DISTRIBUTION for ep in eps):
             raise PluginError(INSTALL_HINT)
+        # First-party plugins first, whatever the order on sys.path: a third-party plugin
+        # found earlier must not take their names (it may replace one only with override=True).
+        eps.sort(key=lambda ep: _ep_distribution(ep) != FIRST_PARTY_DISTRIBUTION)
         for ep in eps:
-            dist = ep.dist.name if ep.dist is not None else None
+            dist = _ep_distribution(ep)
             if first_party_only and dist != FIRST_PARTY_DISTRIBUTION:
                 continue
             if self.pm.is_blocked(ep.name) or self.pm.has_plugin(ep.name):
@@ -155,6 +194,7 @@ class Registry:
                 plugin = ep.load()
                 if dist == FIRST_PARTY_DISTRIBUTION:
                     self.register_plugin(plugin, name=ep.name)
+                    self._sources[ep.name] = dist
                     continue
                 self.pm.register(plugin, name=ep.name)
                 self.pm.check_pending()
@@ -168,17 +208,23 @@ class Registry:
                 self._mark_broken(ep.name, dist, message, exc)
                 continue
             self._isolated[ep.name] = dist
+            self._sources[ep.name] = dist
             self._entries = None
 
-    def _mark_broken(self, name: str, dist: str | None, message: str, exc: BaseException) -> None:
-        """Skip a failed third-party plugin: warn, list it, or raise in strict mode."""
+    def _mark_broken(self, name: str, dist: str | None, message: str, exc: BaseException,
+                     defer: bool = False) -> None:
+        """Skip a failed third-party plugin: warn (now or on first use), list it, or raise
+        in strict mode."""
         if self.strict:
             raise PluginError(f"{message} (MUSCO_STRICT_PLUGINS is set; block it with "
                               f"MUSCO_BLOCK_PLUGINS={name})") from exc
         self.broken.append(BrokenPlugin(name=name, distribution=dist, error=message))
-        warnings.warn(f"{message}; the plugin was skipped (block it with "
-                      f"MUSCO_BLOCK_PLUGINS={name}, or set MUSCO_STRICT_PLUGINS=1 to make "
-                      "this an error)", PluginWarning, stacklevel=4)
+        text = (f"{message}; the plugin was skipped (block it with MUSCO_BLOCK_PLUGINS={name}, "
+                "or set MUSCO_STRICT_PLUGINS=1 to make this an error)")
+        if defer:
+            self._deferred.append(text)
+        else:
+            warnings.warn(text, PluginWarning, stacklevel=4)
 
     def register_plugin(self, plugin: Any, name: str | None = None) -> str:
         """Register a plugin object (a module or an instance with hook implementations)."""
@@ -196,26 +242,43 @@ class Registry:
 
     @property
     def entries(self) -> dict[str, dict[str, Entry]]:
-        """``{kind: {name_or_alias: Entry}}``, collected from the plugins on first use."""
+        """``{kind: {name_or_alias: Entry}}``, collected from the plugins (again after a
+        plugin is registered or unregistered)."""
         if self._entries is None:
             self._entries = self._collect()
+        while self._deferred:
+            warnings.warn(self._deferred.pop(0), PluginWarning, stacklevel=3)
         return self._entries
 
-    def _collect(self) -> dict[str, dict[str, Entry]]:
+    def _collect(self, defer: bool = False) -> dict[str, dict[str, Entry]]:
         """Call every plugin's registration hooks, one plugin at a time, in load order.
 
         A plugin's strategies are added only when all its hooks succeed, so a
-        broken plugin (see the module docs) leaves nothing half-registered.
+        broken plugin (see the module docs) leaves nothing half-registered. With
+        ``defer`` the warnings about broken plugins wait for the first use of
+        :attr:`entries`.
         """
         entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
-        packages = metadata.packages_distributions()
+        packages: dict[str, list[str]] | None = None
         plugins = self.pm.list_name_plugin()
         for name, plugin in plugins:
             if plugin is None or not self.pm.is_registered(plugin):
                 continue
+            if name in self._sources:
+                # An entry-point plugin's strategies belong to its distribution.
+                def distribution(strategy: Any, _d=self._sources[name]) -> str | None:
+                    return _d
+            else:
+                # A plugin registered by hand: the distribution shipping each strategy's
+                # class, if any (packages_distributions reads every installed RECORD, so
+                # only here).
+                packages = metadata.packages_distributions() if packages is None else packages
+
+                def distribution(strategy: Any, _p=packages) -> str | None:
+                    return _distribution_of(strategy, _p)
             try:
                 staged = self._collect_one(plugin, [p for _, p in plugins if p is not plugin],
-                                           entries, packages)
+                                           entries, distribution)
             except Exception as exc:
                 if name not in self._isolated:
                     raise
@@ -223,21 +286,21 @@ class Registry:
                 message = (f"musco plugin {name!r} from distribution {dist!r} failed to register "
                            f"its strategies: {type(exc).__name__}: {exc}")
                 self.pm.unregister(plugin=plugin)
-                self._mark_broken(name, dist, message, exc)
+                self._mark_broken(name, dist, message, exc, defer=defer)
                 continue
             for kind, table in staged.items():
                 entries[kind].update(table)
         return entries
 
     def _collect_one(self, plugin: Any, others: list[Any], entries: dict[str, dict[str, Entry]],
-                     packages: dict[str, list[str]]) -> dict[str, dict[str, Entry]]:
+                     distribution: Any) -> dict[str, dict[str, Entry]]:
         staged: dict[str, dict[str, Entry]] = {}
         for kind, (hook_name, base, label) in KINDS.items():
             table: dict[str, Entry] = {}
             existing = entries[kind]
 
-            def register(strategy: Any, aliases: Iterable[str] = (), *, _t=table, _b=base,
-                         _l=label, _e=existing):
+            def register(strategy: Any, aliases: Iterable[str] = (), *, override: bool = False,
+                         _t=table, _b=base, _l=label, _e=existing):
                 if not isinstance(strategy, _b):
                     raise PluginError(
                         f"a {_l} must be an instance of musco_core.{_b.__name__}, "
@@ -251,21 +314,8 @@ class Registry:
                         f"{type(strategy).__name__}.Params has a field called 'name'; in a "
                         "spec's table 'name' names the strategy, so rename the field"
                     )
-                entry = Entry(
-                    name=strategy.name,
-                    strategy=strategy,
-                    distribution=_distribution_of(strategy, packages),
-                    aliases=tuple(aliases),
-                )
-                for key in (entry.name, *entry.aliases):
-                    other = _t.get(key) or _e.get(key)
-                    if other is not None:
-                        raise PluginError(
-                            f"{_l} name {key!r} registered twice: by {type(strategy).__name__} "
-                            f"and by {type(other.strategy).__name__} "
-                            f"(distribution {other.distribution!r})"
-                        )
-                    _t[key] = entry
+                _t.update(_entry(strategy, tuple(aliases), distribution(strategy), override,
+                                 label=_l, staged=_t, existing=_e))
 
             self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
             staged[kind] = table
@@ -301,16 +351,62 @@ class Registry:
             rows = []
             for name in self.names(kind):
                 entry = self.entries[kind][name]
+                replaced = entry.replaces
                 rows.append(
                     {
                         "name": entry.name,
                         "summary": entry.strategy.summary,
                         "aliases": list(entry.aliases),
                         "distribution": entry.distribution,
+                        # the strategy this one replaced with override=True, if any
+                        "overrides": None if replaced is None else {
+                            "name": replaced.name, "distribution": replaced.distribution},
                     }
                 )
             out[kind] = rows
         return out
+
+
+def _entry(strategy: Any, aliases: tuple[str, ...], dist: str | None, override: bool, *,
+           label: str, staged: dict[str, Entry], existing: dict[str, Entry]) -> dict[str, Entry]:
+    """The ``{key: Entry}`` a ``register(strategy, aliases, override=...)`` call adds.
+
+    A name or alias the same plugin registered already, or one an earlier plugin
+    registered (unless ``override``), is a :class:`PluginError` naming both sides.
+    An override takes over every name and alias of the one strategy it replaces.
+    """
+    keys = (strategy.name, *aliases)
+    new = _origin(strategy, dist)
+    for key in keys:
+        if key in staged or keys.count(key) > 1:
+            raise PluginError(f"{label} name {key!r} registered twice by the same plugin "
+                              f"({new})")
+    taken = {id(e): e for key in keys if (e := existing.get(key)) is not None}
+    if not taken:
+        return dict.fromkeys(keys, Entry(strategy.name, strategy, dist, aliases))
+    first = next(iter(taken.values()))
+    old = _origin(first.strategy, first.distribution)
+    key = next(k for k in keys if k in existing)
+    if not override:
+        raise PluginError(
+            f"{label} name {key!r} registered twice: {new} registers it, but {old} registered "
+            "it first. Choose another name, or pass override=True to register() to replace "
+            f"{type(first.strategy).__name__} on purpose")
+    if len(taken) > 1:
+        raise PluginError(
+            f"{label} {new} overrides with override=True, but its names "
+            f"{', '.join(map(repr, keys))} belong to several strategies "
+            f"({', '.join(_origin(e.strategy, e.distribution) for e in taken.values())}); "
+            "an override replaces one")
+    if first.replaces is not None:
+        original = _origin(first.replaces.strategy, first.replaces.distribution)
+        raise PluginError(
+            f"{label} name {key!r}: {new} and {old} both override it (override=True); only "
+            f"one plugin may replace {original}; block one of them with MUSCO_BLOCK_PLUGINS")
+    # The replacement answers to every name of the strategy it replaces.
+    inherited = tuple(k for k, e in existing.items() if e is first and k not in keys)
+    entry = Entry(strategy.name, strategy, dist, aliases + inherited, replaces=first)
+    return dict.fromkeys(keys + inherited, entry)
 
 
 _default: Registry | None = None
