@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
+
+from musco_core.errors import MuscoWarning
 
 
 def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -26,16 +30,77 @@ def aliases(model: nn.Module, name: str) -> list[str]:
 
 #: Hook dictionaries of nn.Module carried to a replacement, with their flag dictionaries
 #: (``with_kwargs``, ``always_call``), so hooks keep the signature they were registered with.
+#: Forward hooks see the layer's inputs and output, and full backward (pre-)hooks the
+#: gradients of those, which the replacement shares: they mean the same on it.
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_pre_hooks")
+
+#: Hook dictionaries *not* carried over, by kind: state-dict hooks work on the old layer's
+#: parameter names (``prefix + "weight"``), which the replacement does not have, so carrying
+#: one that renames or migrates keys would corrupt saves and loads of the compressed model.
+#: Each dropped hook is named in a MuscoWarning.
+_DROPPED_HOOKS = {
+    "_state_dict_pre_hooks": "state_dict pre-hook",
+    "_state_dict_hooks": "state_dict hook",
+    "_load_state_dict_pre_hooks": "load_state_dict pre-hook",
+    "_load_state_dict_post_hooks": "load_state_dict post-hook",
+}
 
 
-def carry_over(old: nn.Module, new: nn.Module) -> None:
+def _hook_name(hook: Any) -> str:
+    """A readable name of a hook (torch wraps some in ``_WrappedHook``; partials too)."""
+    hook = getattr(hook, "hook", hook)
+    hook = getattr(hook, "func", hook)
+    return getattr(hook, "__qualname__", None) or repr(hook)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module, name: str | None) -> None:
+    """Copy the hooks that mean the same on ``new``; warn naming each one that does not."""
+    for attr in _HOOK_DICTS:
+        source = getattr(old, attr, None)
+        if source:
+            getattr(new, attr).update(source)
+    dropped: list[str] = []
+    layout: list[str] = []
+    backward = getattr(old, "_backward_hooks", None)
+    if backward:
+        names = ", ".join(repr(_hook_name(h)) for h in backward.values())
+        if old._is_full_backward_hook and new._is_full_backward_hook is not False:
+            new._backward_hooks.update(backward)
+            new._is_full_backward_hook = True
+        elif old._is_full_backward_hook:
+            dropped.append(f"full backward hook {names} (the replacement has non-full backward "
+                           "hooks, which cannot be mixed with full ones)")
+        else:
+            dropped.append(f"backward hook {names} (a non-full hook from the deprecated "
+                           "register_backward_hook sees the gradients of the layer's last "
+                           "operation, which the replacement does not have; register it with "
+                           "register_full_backward_hook)")
+    for attr, kind in _DROPPED_HOOKS.items():
+        for hook in (getattr(old, attr, None) or {}).values():
+            layout.append(f"{kind} {_hook_name(hook)!r}")
+    if layout:
+        keys = ", ".join(n for n, _ in old.named_parameters()) or "none"
+        dropped.append(f"{', '.join(layout)} (state-dict hooks work on the replaced layer's "
+                       f"parameter names ({keys}), which the replacement does not have; "
+                       "register them again on the new module if they still apply)")
+    if dropped:
+        where = f"layer {name!r}: " if name else ""
+        warnings.warn(f"{where}the {type(new).__name__} replacing {type(old).__name__} does "
+                      f"not keep these hooks: {'; '.join(dropped)}", MuscoWarning, stacklevel=4)
+
+
+def carry_over(old: nn.Module, new: nn.Module, name: str | None = None) -> None:
     """Give ``new`` what belongs to the layer rather than to its weights; mutates ``new``.
 
     Device and floating-point dtype of ``old``'s parameters, train/eval mode,
-    forward hooks and pre-hooks with their flags, and ``requires_grad``: if the
-    old weight was frozen, so are the new factors; a bias keeps its own flag.
+    forward hooks and pre-hooks with their flags, full backward hooks and pre-hooks
+    (they see the layer's input and output gradients, which ``new`` shares), and
+    ``requires_grad``: if the old weight was frozen, so are the new factors; a bias
+    keeps its own flag. Hooks that would not mean the same on ``new`` (state-dict
+    hooks, written for ``old``'s parameter names, and deprecated non-full backward
+    hooks) are not carried over: a :class:`~musco_core.errors.MuscoWarning` names
+    each, and the layer ``name`` when given.
     """
     ref = next(old.parameters(), None)
     if ref is not None:
@@ -44,10 +109,7 @@ def carry_over(old: nn.Module, new: nn.Module) -> None:
         else:
             new.to(device=ref.device)
     new.train(old.training)
-    for attr in _HOOK_DICTS:
-        source = getattr(old, attr, None)
-        if source:
-            getattr(new, attr).update(source)
+    _carry_hooks(old, new, name)
     old_params = dict(old.named_parameters())
     weight_grad = all(p.requires_grad for n, p in old_params.items() if not n.endswith("bias"))
     bias_grad = {p.requires_grad for n, p in old_params.items() if n.endswith("bias")}
@@ -66,7 +128,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """
     targets = aliases(model, name)
     old = model.get_submodule(name)
-    carry_over(old, new)
+    carry_over(old, new, name)
     for target in targets:
         parent, child = _split(model, target)
         setattr(parent, child, new)
