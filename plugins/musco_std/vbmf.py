@@ -17,7 +17,9 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from scipy.optimize import brentq, minimize_scalar
+
+# scipy.optimize (about a third of a second to import) loads in the functions that use it,
+# not when the plugins load: see tests/test_startup.py.
 
 
 #: Smallest noise variance EVBMF considers, relative to the mean square entry of the matrix.
@@ -50,6 +52,8 @@ def evb_x_bar(alpha: float) -> float:
     """
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+
+    from scipy.optimize import brentq
 
     def phi(z: float) -> float:
         return math.log1p(z) / z - 0.5
@@ -204,6 +208,8 @@ def evbmf_from_squared(s2: np.ndarray, shape: tuple[int, int]) -> EVBMFResult:
     # solver's absolute tolerance is relative to the scale of the problem.
     unit = lower
     if upper > lower:
+        from scipy.optimize import minimize_scalar
+
         res = minimize_scalar(
             lambda v: _free_energy(v * unit, s2, total, L, M, alpha, x_bar),
             bounds=(1.0, upper / unit), method="bounded", options={"xatol": 1e-8},
