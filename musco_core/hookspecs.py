@@ -1,5 +1,10 @@
 """The hook specifications: the whole contract between musco and its plugins.
 
+Every ``musco_add_*`` hook receives ``register(strategy, aliases=(), override=False)``.
+A name (or alias) that is already taken raises :class:`musco_core.PluginError` naming
+both distributions, unless the plugin passes ``override=True`` to replace that strategy
+on purpose; first-party plugins always load first.
+
 Hooks are called with keyword arguments only. An implementation may accept
 fewer arguments than its specification lists, so a hook can grow new arguments
 without breaking plugins. Mark implementations with :data:`musco_core.hookimpl`.
@@ -31,8 +36,7 @@ def musco_add_decompositions(register: Callable[..., None]) -> None:
     """Register decompositions.
 
     :param register: call ``register(decomposition, aliases=())`` with an
-        instance of a :class:`musco_core.Decomposition` subclass. A name that is
-        already taken raises :class:`musco_core.PluginError`.
+        instance of a :class:`musco_core.Decomposition` subclass.
     """
 
 
