@@ -147,6 +147,11 @@ class _SeedCompressor:
                     )
                 rules.append(Rule(match=_names(auto), decomposition=decomposition[family],
                                   rank=RankRule(self.rank_selection, **self._params(auto, rank_params))))
+        if not rules:
+            raise ValueError(
+                f"{type(self).__name__}: no layer is left to compress (every Conv2d/Linear layer "
+                f"is skipped by ranks[name] = None or not supported: {excluded[:5]}); remove "
+                "some None entries from ranks")
         self.lnames = compressing
         self.spec = Spec(
             rules=rules,

@@ -52,8 +52,8 @@ from musco_core.resolve import resolve_refine, resolve_rules
 
 
 __all__ = [
-    "Calibration", "Decompose", "FrozenDict", "Gate", "Match", "RankRule", "Refine", "Rule",
-    "Spec", "StrategyRef", "format_params_error", "structure_params", "unstructure_params",
+    "MAX_ROUNDS", "Calibration", "Decompose", "FrozenDict", "Gate", "Match", "RankRule", "Refine",
+    "Rule", "Spec", "StrategyRef", "format_params_error", "structure_params", "unstructure_params",
 ]
 
 
@@ -104,6 +104,30 @@ def _to_ref(cls: type[StrategyRef]) -> Any:
 def _optional_positive_int(instance, attribute, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{attribute.name!r} must be a positive int or None, got {value!r}")
+
+
+#: The most rounds a spec may ask for (``Spec.rounds``); more is a :class:`SpecError`.
+#:
+#: Why 100: every round compresses each of its layers again and is planned when it
+#: starts, with the rounds after it projected, so planning grows with the rounds left;
+#: and each round shrinks the ranks, so after a few dozen rounds a rank rule has
+#: nothing left to take (MUSCO's own schedules use 2 to 10 rounds). 100 leaves ample
+#: room for any real schedule while a typo (``rounds = 1000000``) fails at once
+#: instead of planning for hours.
+MAX_ROUNDS = 100
+
+
+def _check_rounds(instance, attribute, value) -> None:
+    if value < 1:
+        raise SpecError(f"'rounds' must be >= 1, got {value!r} @ $.rounds")
+    if value > MAX_ROUNDS:
+        raise SpecError(f"'rounds' must be at most {MAX_ROUNDS}, got {value!r} @ $.rounds")
+
+
+def _check_rules(instance, attribute, value) -> None:
+    if not value:
+        raise SpecError("'rules' must hold at least one rule; a spec without rules "
+                        "compresses nothing @ $.rules")
 
 
 #: The deprecated rule options and the gate (and its parameter) each one became.
@@ -227,11 +251,13 @@ class Spec:
     :param layers_per_step: layers compressed per :meth:`Compressor.step` (the seed's ``ft_every``).
     :param rounds: how many times every matched layer is compressed (the seed's
         ``nglobal_compress_iters``); round 2 compresses round 1's factorized layers again.
+        At most :data:`MAX_ROUNDS` (100); more is a :class:`SpecError` (``@ $.rounds``).
     """
 
     rules: tuple[Rule, ...] = attrs.field(
         converter=tuple,
-        validator=attrs.validators.deep_iterable(attrs.validators.instance_of(Rule)),
+        validator=[attrs.validators.deep_iterable(attrs.validators.instance_of(Rule)),
+                   _check_rules],
     )
     exclude: tuple[str, ...] = attrs.field(
         default=(),
@@ -242,7 +268,7 @@ class Spec:
         default=5, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
     )
     rounds: int = attrs.field(
-        default=1, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+        default=1, validator=[attrs.validators.instance_of(int), _check_rounds]
     )
     #: Caps on the calibration data (see :class:`Calibration`).
     calibration: Calibration = attrs.field(
@@ -272,6 +298,9 @@ class Spec:
         except SpecError:
             raise
         except (ClassValidationError, IterableValidationError) as exc:
+            own = [e for e in exc.exceptions if isinstance(e, SpecError)]
+            if own and len(own) == len(exc.exceptions):  # Spec's own checks carry their paths
+                raise SpecError([p for e in own for p in e.problems]) from None
             raise SpecError(cattrs.transform_error(exc, path="$", format_exception=format_exception)) from None
         except RecursionError:
             raise SpecError("the spec is nested too deeply @ $") from None

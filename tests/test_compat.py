@@ -101,3 +101,10 @@ def test_misspelled_keywords_are_type_errors(cls, kwargs, message):
     model = TinyResNet()
     with pytest.raises(TypeError, match=message):
         cls(model, torch.randn(1, 3, 16, 16), **kwargs)
+
+
+def test_skipping_every_layer_says_nothing_is_left_to_compress(tiny_resnet, example_inputs):
+    ranks = {n: None for n, m in tiny_resnet.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))}
+    with pytest.raises(ValueError, match="no layer is left to compress"):
+        CompressorManual(tiny_resnet, ranks=ranks, example_inputs=example_inputs)
