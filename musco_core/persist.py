@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from musco_core.errors import MuscoError
+from musco_core.errors import MuscoError, SpecError, UnsupportedLayerError
+from musco_core.plan import Plan
 from musco_core.registry import Registry, default_registry
-from musco_core.spec import structure_params
+from musco_core.spec import Spec, format_params_error, structure_params
 from musco_core.surgery import replace_module
 
 FORMAT = "musco-state"
@@ -36,7 +37,21 @@ VERSION = 1
 
 
 class StateFileError(MuscoError, ValueError):
-    """A file is not a musco state file, is corrupt, or does not fit the model."""
+    """A file is not a musco state file, is corrupt, or does not fit the model.
+
+    ``field`` names the part of the state that is wrong, when one is (``"position"``,
+    ``"manifest[0].decomposition"``); the message then ends with ``@ field``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    @classmethod
+    def at(cls, field: str, message: str, source: str | None = None) -> StateFileError:
+        """``"<source>: <message> @ <field>"`` with :attr:`field` set."""
+        prefix = f"{source}: " if source else ""
+        return cls(f"{prefix}{message} @ {field}", field=field)
 
 
 CHECKSUMS = "checksums"
@@ -119,7 +134,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise StateFileError(f"no musco state file at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
         raise StateFileError(
             f"{path} is not a readable musco state file ({type(exc).__name__}: {exc})"
         ) from None
@@ -146,7 +161,10 @@ def verify_integrity(state: Mapping[str, Any], path: str | Path) -> None:
     if sums is not None:
         if not isinstance(sums, Mapping):
             raise StateFileError(f"{path} is corrupt: its checksums are not a mapping")
-        found = dict(_tensors({k: v for k, v in state.items() if k != CHECKSUMS}))
+        try:
+            found = dict(_tensors({k: v for k, v in state.items() if k != CHECKSUMS}))
+        except RecursionError:
+            raise StateFileError(f"{path} is corrupt: its data is nested too deeply") from None
         for name, expected in sums.items():
             if name not in found:
                 raise StateFileError(f"{path} is corrupt: tensor {name!r} is missing")
@@ -162,8 +180,10 @@ def verify_integrity(state: Mapping[str, Any], path: str | Path) -> None:
             return
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:
-        raise StateFileError(f"{path} is corrupt: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged directory fails zipfile in many ways
+        # (BadZipFile, zlib.error, a record name that is not UTF-8: UnicodeDecodeError, ...)
+        raise StateFileError(f"{path} is corrupt: its zip directory is damaged "
+                             f"({type(exc).__name__}: {exc})") from None
     if bad is not None:
         raise StateFileError(
             f"{path} is corrupt: record {bad!r} does not match its CRC; the file was damaged "
@@ -171,48 +191,242 @@ def verify_integrity(state: Mapping[str, Any], path: str | Path) -> None:
         )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_rank(value: Any) -> bool:
+    """An int, or a list (or tuple) of ints: the plain form of a rank."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_int(v) for v in value)
+    return _is_int(value)
+
+
+def read_spec(state: Mapping[str, Any], source: str | None = None) -> Spec:
+    """The spec saved in ``state``; a :class:`StateFileError` at ``spec`` if it is invalid."""
+    try:
+        return Spec.from_dict(state["spec"])
+    except SpecError as exc:
+        raise StateFileError.at(
+            "spec", f"the saved spec is invalid: {'; '.join(exc.problems)}", source) from exc
+
+
+def read_plan(state: Mapping[str, Any], spec: Spec, source: str | None = None) -> Plan:
+    """The plan saved in ``state``, checked against ``spec`` (rounds, rule indices)."""
+    data = state["plan"]
+    if not isinstance(data, Mapping):
+        raise StateFileError.at("plan", f"the plan must be a mapping, got {_kind(data)}", source)
+    try:
+        plan = Plan.from_dict(data)
+    except Exception as exc:  # noqa: BLE001 - any malformed part of the plan's plain data
+        raise StateFileError.at(
+            "plan", f"the saved plan is unreadable ({type(exc).__name__}: {exc})", source
+        ) from None
+    rounds, rules = spec.rounds, len(spec.rules)
+    if not 1 <= plan.round <= rounds:
+        raise StateFileError.at(
+            "plan.round", f"round {plan.round} is outside 1..{rounds} (the spec's rounds)", source)
+    for i, entry in enumerate(plan.entries):
+        if entry.status not in PLAN_STATUSES:
+            raise StateFileError.at(f"plan.entries[{i}].status",
+                                    f"unknown status {entry.status!r}", source)
+        if entry.rule is not None and not (_is_int(entry.rule) and 0 <= entry.rule < rules):
+            raise StateFileError.at(f"plan.entries[{i}].rule",
+                                    f"no rule {entry.rule!r} in the spec ({rules} rules)", source)
+    last = 1
+    for k, step in enumerate(plan.steps):
+        for rnd, _name in step:
+            if not last <= rnd <= rounds:
+                raise StateFileError.at(
+                    f"plan.steps[{k}]", f"a step of round {rnd} after round {last} or outside "
+                    f"1..{rounds} (the spec's rounds)", source)
+            last = rnd
+    for k, (rnd, _name, rule) in enumerate(plan.later):
+        if not (plan.round < rnd <= rounds and 0 <= rule < rules):
+            raise StateFileError.at(f"plan.later[{k}]", f"round {rnd} or rule {rule} does not "
+                                    f"fit the plan's round {plan.round} and the spec", source)
+    return plan
+
+
+def check_state(state: Mapping[str, Any], spec: Spec, model: nn.Module,
+                source: str | None = None) -> Plan:
+    """Check a state's plain data against its spec and ``model`` (the original architecture).
+
+    The plan (its round within the spec's rounds, its rule indices), ``position`` (within
+    the plan's steps, one per step report), the reports' count and each manifest entry's
+    name (a layer of ``model`` compressed in a done step of the entry's round), round and
+    rule. Decomposition, rank and parameters are checked by :func:`rebuild`. Each problem
+    is a :class:`StateFileError` naming the field. Returns the plan.
+    """
+    plan = read_plan(state, spec, source)
+    position = state["position"]
+    if not _is_int(position):
+        raise StateFileError.at("position", f"position must be an int, got {position!r}",
+                                source)
+    steps = len(plan.steps)
+    if not 0 <= position <= steps:
+        raise StateFileError.at(
+            "position", f"position {position} is outside 0..{steps} (the plan has {steps} "
+            "steps)", source)
+    for k, step in enumerate(plan.steps[:position]):
+        if step and step[-1][0] > plan.round:
+            raise StateFileError.at(
+                "position", f"position {position} counts step {k} of round {step[-1][0]} as "
+                f"done, but the plan is in round {plan.round}", source)
+    if "reports" in state:  # one report per step done (and one for a final empty step)
+        reports = state["reports"]
+        if not isinstance(reports, list):
+            raise StateFileError.at("reports", "the reports must be a list, got "
+                                    f"{_kind(reports)}", source)
+        finished = position == steps and plan.round == spec.rounds
+        if not (len(reports) == position or (finished and len(reports) == position + 1)):
+            raise StateFileError.at(
+                "position", f"position {position} does not match the {len(reports)} step "
+                "report(s)", source)
+    manifest = state["manifest"]
+    if not isinstance(manifest, list):
+        raise StateFileError.at(
+            "manifest", f"the manifest must be a list of entries, got {_kind(manifest)}", source)
+    done = {item for step in plan.steps[:position] for item in step}
+    seen: set[tuple[int, str]] = set()
+    for i, entry in enumerate(manifest):
+        field = f"manifest[{i}]"
+        name = _entry_name(entry, i, model, source)
+        for key in ("round", "rule"):
+            if key not in entry:
+                raise StateFileError.at(f"{field}.{key}", "missing", source)
+            if not _is_int(entry[key]):
+                raise StateFileError.at(f"{field}.{key}",
+                                        f"{key} must be an int, got {entry[key]!r}", source)
+        rnd, rule = entry["round"], entry["rule"]
+        if not 1 <= rnd <= plan.round:
+            raise StateFileError.at(f"{field}.round", f"round {rnd} is outside 1..{plan.round} "
+                                    "(the plan's round)", source)
+        if not 0 <= rule < len(spec.rules):
+            raise StateFileError.at(f"{field}.rule",
+                                    f"no rule {rule} in the spec ({len(spec.rules)} rules)",
+                                    source)
+        if (rnd, name) not in done:
+            raise StateFileError.at(f"{field}.name", f"layer {name!r} is not a layer of the "
+                                    f"plan's done steps in round {rnd}", source)
+        if (rnd, name) in seen:
+            raise StateFileError.at(f"{field}.name",
+                                    f"layer {name!r} is listed twice for round {rnd}", source)
+        seen.add((rnd, name))
+    return plan
+
+
+PLAN_STATUSES = ("compress", "excluded", "unmatched", "skipped")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _entry_name(entry: Any, i: int, model: nn.Module, source: str | None) -> str:
+    """The layer name of manifest entry ``i``, checked to be a layer of ``model``."""
+    if not isinstance(entry, Mapping):
+        raise StateFileError.at(f"manifest[{i}]",
+                                f"an entry must be a mapping, got {_kind(entry)}", source)
+    if "name" not in entry:
+        raise StateFileError.at(f"manifest[{i}].name", "missing", source)
+    name = entry["name"]
+    if not isinstance(name, str) or not name:
+        raise StateFileError.at(f"manifest[{i}].name",
+                                f"name must be a layer name, got {name!r}", source)
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise StateFileError.at(
+            f"manifest[{i}].name", f"layer {name!r} does not exist in the given model; pass a "
+            "fresh instance of the original architecture", source) from None
+    return name
+
+
 def rebuild(model: nn.Module, manifest: list[Mapping[str, Any]],
-            registry: Registry | None = None) -> nn.Module:
+            registry: Registry | None = None, *, source: str | None = None) -> nn.Module:
     """Apply a manifest's replacements to ``model`` in order; mutates ``model``.
 
     Each entry names a layer, the decomposition that replaced it, its rank and
     parameters; the decomposition's :meth:`~musco_core.Decomposition.skeleton`
-    builds a module of the right structure (weights are loaded afterwards).
+    builds a module of the right structure (weights are loaded afterwards). An
+    entry that does not fit (a layer the model lacks, a decomposition that is not
+    registered or does not handle the layer, a rank invalid for it, parameters that
+    are not the decomposition's) is a :class:`StateFileError` naming the field
+    (``manifest[0].rank``); entries before it have been applied.
     """
     registry = registry or default_registry()
+    if not isinstance(manifest, list):
+        raise StateFileError.at(
+            "manifest", f"the manifest must be a list of entries, got {_kind(manifest)}", source)
     for i, entry in enumerate(manifest):
-        name = entry["name"]
+        field = f"manifest[{i}]"
+        name = _entry_name(entry, i, model, source)
+        module = model.get_submodule(name)
+        for key in ("decomposition", "rank"):
+            if key not in entry:
+                raise StateFileError.at(f"{field}.{key}", "missing", source)
+        decomposition = entry["decomposition"]
+        if not isinstance(decomposition, str):
+            raise StateFileError.at(f"{field}.decomposition", "decomposition must be a "
+                                    f"decomposition name, got {decomposition!r}", source)
         try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise StateFileError(
-                f"manifest entry {i}: layer {name!r} does not exist in the given model; "
-                "pass a fresh instance of the original architecture"
-            ) from None
-        try:
-            strategy = registry.get("decompositions", entry["decomposition"]).strategy
+            strategy = registry.get("decompositions", decomposition).strategy
         except KeyError as exc:
-            raise StateFileError(
-                f"manifest entry {i} (layer {name!r}) needs {exc.args[0]}; install the plugin "
-                "that provides it"
-            ) from None
-        rank = entry["rank"]
-        rank = tuple(rank) if isinstance(rank, list) else rank
-        params = structure_params(entry.get("params", {}), strategy.Params)
+            raise StateFileError.at(
+                f"{field}.decomposition", f"{decomposition!r} is not a registered "
+                f"decomposition ({exc.args[0] if exc.args else exc}); install the plugin that "
+                "provides it", source) from None
         try:
             strategy.check(name, module)
+        except Exception as exc:  # noqa: BLE001 - UnsupportedLayerError, or a plugin's own
+            message = str(exc) if isinstance(exc, UnsupportedLayerError) else (
+                f"decomposition {decomposition!r} cannot check layer {name!r} "
+                f"({type(exc).__name__}: {exc})")
+            raise StateFileError.at(f"{field}.decomposition", message, source) from None
+        params = entry.get("params", {})
+        if not isinstance(params, Mapping):
+            raise StateFileError.at(f"{field}.params", "the parameters must be a mapping, got "
+                                    f"{_kind(params)}", source)
+        try:
+            params = structure_params(params, strategy.Params)
+        except Exception as exc:  # noqa: BLE001 - cattrs and the Params' own validators
+            problems = "; ".join(format_params_error(exc, "$"))
+            raise StateFileError.at(
+                f"{field}.params", f"parameters {dict(params)!r} do not fit decomposition "
+                f"{decomposition!r}: {problems}", source) from None
+        rank = entry["rank"]
+        if not _is_rank(rank):
+            raise StateFileError.at(f"{field}.rank",
+                                    f"rank {rank!r} is not an int or a list of ints", source)
+        rank = tuple(rank) if isinstance(rank, list) else rank
+        try:
+            message = strategy.validate_rank(module, rank)
+        except Exception as exc:  # noqa: BLE001 - a plugin's check failing on this input
+            message = f"rank {rank!r} could not be checked ({type(exc).__name__}: {exc})"
+        if message:
+            raise StateFileError.at(f"{field}.rank", f"layer {name!r}: {message} for "
+                                    f"decomposition {decomposition!r}", source)
+        try:
             new = strategy.skeleton(module, rank, params)
         except Exception as exc:
-            raise StateFileError(
-                f"manifest entry {i}: could not rebuild layer {name!r} with "
-                f"{entry['decomposition']!r} at rank {rank!r}: {exc}"
-            ) from exc
+            raise StateFileError.at(
+                field, f"could not rebuild layer {name!r} with {decomposition!r} at rank "
+                f"{rank!r}: {type(exc).__name__}: {exc}", source) from exc
         replace_module(model, name, new)
     return model
 
 
 def load_state_into(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
     """``model.load_state_dict(weights)`` with an error naming what does not fit."""
+    if not isinstance(weights, Mapping):
+        raise StateFileError.at("model", f"the weights must be a mapping of names to tensors, "
+                                f"got {_kind(weights)}", source)
+    bad = next((k for k, v in weights.items()
+                if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise StateFileError.at("model", f"weight {bad!r} is not a tensor, got "
+                                f"{_kind(weights[bad])}", source)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))
@@ -227,7 +441,8 @@ def load_state_into(model: nn.Module, weights: Mapping[str, torch.Tensor], sourc
             k = wrong[0]
             parts.append(f"shape of {k}: expected {tuple(own[k].shape)}, got "
                          f"{tuple(weights[k].shape)}")
-        raise StateFileError(f"the weights in {source} do not fit the model: " + "; ".join(parts))
+        raise StateFileError.at("model", f"the weights in {source} do not fit the model: "
+                                + "; ".join(parts))
     model.load_state_dict(weights)
 
 
@@ -240,7 +455,9 @@ def load_compressed(model: nn.Module, path: str | Path, *,
     saved structure and weights, on ``model``'s device. No classes are unpickled.
     """
     state = read_state(path)
+    source = str(path)
+    check_state(state, read_spec(state, source), model, source)
     work = copy.deepcopy(model)
-    rebuild(work, state["manifest"], registry)
-    load_state_into(work, state["model"], str(path))
+    rebuild(work, state["manifest"], registry, source=source)
+    load_state_into(work, state["model"], source)
     return work
