@@ -10,6 +10,7 @@ import pluggy
 hookimpl = pluggy.HookimplMarker("musco")
 
 from musco_core.errors import (  # noqa: E402
+    CalibrationError,
     CompressionError,
     MuscoError,
     MuscoWarning,
@@ -82,7 +83,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Calibration", "CompressionError", "Compressor", "Cost", "Decompose", "Decomposition", "FlopFormula",
+    "Calibration", "CalibrationError", "CompressionError", "Compressor", "Cost", "Decompose", "Decomposition", "FlopFormula",
     "Gate", "GateStrategy", "Layer", "LayerBatch", "LayerReport", "Refiner", "RoundContext", "RunContext",
     "Statistic", "StepView", "Verdict",
     "LayerData", "LayerStats", "Match", "Matcher", "MuscoError", "MuscoWarning", "NoParams", "Plan", "PlanEntry",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from musco_core.errors import CompressionError
+from musco_core.errors import CalibrationError, CompressionError
 from musco_core._util import first_tensor
 from musco_core.stats import eval_mode, run_model
 from musco_core.strategies import LayerBatch, Statistic, input_rows  # noqa: F401 (re-export)
@@ -114,23 +115,36 @@ class CalibrationData:
     arguments or a dict of keyword arguments (like ``example_inputs``); a
     ``torch.utils.data.DataLoader`` works. Lists from a DataLoader's default
     collation are treated as tuples of positional arguments.
+
+    Anything else (a single tensor or dict, a generator or other one-shot iterator,
+    a path, a non-iterable) is a :class:`CalibrationError` saying what was given. An
+    exception raised while reading a batch (a DataLoader worker error) becomes a
+    :class:`CalibrationError` naming the batch and, while :attr:`step` is set, the
+    step, with the original chained.
     """
+
+    VALID = "an iterable of batches (a list of tensors, a DataLoader)"
 
     def __init__(self, batches: Any, *, max_batches: int | None = None,
                  max_samples: int | None = None, device: torch.device | None = None):
         if isinstance(batches, (torch.Tensor, dict)):
-            raise TypeError(
-                "calibration must be an iterable of batches (a list of tensors, a DataLoader); "
-                f"got a single {type(batches).__name__}: wrap it in a list, [batch]"
+            raise CalibrationError(
+                f"calibration must be {self.VALID}; got a single {type(batches).__name__}: "
+                "wrap it in a list, [batch]"
+            )
+        if isinstance(batches, (str, bytes, bytearray, os.PathLike)):
+            raise CalibrationError(
+                f"calibration must be {self.VALID}; got a {type(batches).__name__} "
+                f"({_short(batches)}), which is not data: load the batches and pass them"
             )
         try:
             iterator = iter(batches)
         except TypeError:
-            raise TypeError(
-                f"calibration must be an iterable of batches, got {type(batches).__name__}"
+            raise CalibrationError(
+                f"calibration must be {self.VALID}, got {type(batches).__name__}"
             ) from None
         if iterator is batches:
-            raise TypeError(
+            raise CalibrationError(
                 f"calibration must be re-iterable (a list, a tuple or a DataLoader), but a "
                 f"{type(batches).__name__} can be consumed only once and the engine reads the "
                 "data at every step; pass list(...) of it instead"
@@ -139,12 +153,23 @@ class CalibrationData:
         self.max_batches = max_batches
         self.max_samples = max_samples
         self.device = device
+        #: The step reading the data (set by the engine during a step), for error messages.
+        self.step: int | None = None
 
     def __iter__(self):
         seen = 0
-        for i, batch in enumerate(self.batches):
-            if self.max_batches is not None and i >= self.max_batches:
+        index = 0
+        try:
+            iterator = iter(self.batches)
+        except Exception as exc:
+            raise self._source_error(index, exc) from exc
+        while self.max_batches is None or index < self.max_batches:
+            try:
+                batch = next(iterator)
+            except StopIteration:
                 return
+            except Exception as exc:  # the user's data source: a DataLoader worker, a reader
+                raise self._source_error(index, exc) from exc
             if isinstance(batch, list):
                 batch = tuple(batch)
             if self.max_samples is not None:
@@ -156,6 +181,20 @@ class CalibrationData:
                     batch = _cut(batch, left)
                 seen += min(size, left)
             yield to_device(batch, self.device) if self.device is not None else batch
+            index += 1
+
+    def _source_error(self, index: int, exc: Exception) -> CalibrationError:
+        where = f" in step {self.step}" if self.step is not None else ""
+        after = ("; the step was not applied, the model is unchanged"
+                 if self.step is not None else "")
+        return CalibrationError(
+            f"calibration batch {index} could not be read{where}: the data source raised "
+            f"{type(exc).__name__}: {exc}{after}", step=self.step, batch=index)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 #: ``on_pair(name, batch_index, args_now, output_now, args_original, output_original)``
@@ -264,7 +303,11 @@ def collect_layer_data(original: nn.Module, current: nn.Module, data: Iterable[A
     count = paired_pass(original, current, data, {n: m for n, (m, _, _) in layers.items()},
                         on_pair)
     if count == 0:
-        raise CompressionError("the calibration data yielded no batch; pass at least one batch")
+        step = getattr(data, "step", None)
+        where = f" in step {step}" if step is not None else ""
+        raise CalibrationError(f"the calibration data yielded no batch{where}; it must give "
+                               "the same batches on every pass (a list or a DataLoader)",
+                               step=step)
     missing = [n for n in layers if n not in states]
     if missing:
         raise CompressionError(

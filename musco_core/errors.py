@@ -38,6 +38,23 @@ class CompressionError(MuscoError, RuntimeError):
         self.strategy = strategy
 
 
+class CalibrationError(MuscoError, ValueError, TypeError):
+    """Calibration data that cannot be used: a bad argument, or a data source that raised.
+
+    Raised for a ``calibration=`` argument that is not a re-iterable of batches (an
+    empty list, a generator, a single tensor, a path ...), and when reading a batch
+    raises (a ``DataLoader`` worker error): then ``batch`` is the index of the batch
+    being read, ``step`` the step that was reading it (``None`` outside a step), the
+    data source's exception is chained (``__cause__``) and the model is unchanged.
+    Also a ``ValueError`` and a ``TypeError``, the types these problems raised before.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, batch: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.batch = batch
+
+
 class PluginError(MuscoError, RuntimeError):
     """A plugin could not be loaded or registered something invalid."""
 

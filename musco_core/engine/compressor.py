@@ -8,6 +8,7 @@ import copy
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from torch import nn
 from musco_core._util import device_of, progress
 from musco_core.engine.state import RunState, StepView, plain_rank
 from musco_core.engine.step import Step
-from musco_core.errors import MuscoWarning, SpecError
+from musco_core.errors import CalibrationError, MuscoWarning, SpecError
 from musco_core.plan import Plan, build_plan
 from musco_core.registry import Registry, default_registry
 from musco_core.report import LayerReport, RunReport, StepReport
@@ -95,20 +96,34 @@ class Compressor:
             original whose layer outputs data-aware strategies fit.
         :param calibration: the calibration data again (it is never saved); needed
             when the spec's strategies need data.
+
+        A state that is not what :meth:`state_dict` wrote (edited, damaged, for another
+        model) raises :class:`~musco_core.StateFileError` naming the field
+        (``... @ position``, ``... @ manifest[0].rank``) before anything is built.
         """
-        from musco_core.persist import load_state_into, rebuild
+        from musco_core.persist import StateFileError, load_state_into, read_spec, rebuild
 
         registry = registry or default_registry()
-        spec = Spec.from_dict(state["spec"])
-        rules = resolve_rules(spec, registry)
+        if not isinstance(state, Mapping):
+            raise StateFileError(f"{source} must be a mapping (what Compressor.state_dict() "
+                                 f"returns), got {type(state).__name__}")
+        if "spec" not in state:
+            raise StateFileError.at("spec", f"{source} is incomplete: missing")
+        spec = read_spec(state, source)
+        try:
+            rules = resolve_rules(spec, registry)
+        except SpecError as exc:
+            raise StateFileError.at("spec", "the saved spec does not fit this registry: "
+                                    + "; ".join(exc.problems), source) from exc
+        run_state = RunState.from_dict(state, spec, model, source=source)
         data = cls._calibration_data(spec, calibration, None)
         work = copy.deepcopy(model)
-        rebuild(work, state["manifest"], registry)
+        rebuild(work, state["manifest"], registry, source=source)
         load_state_into(work, state["model"], source)
         if data is not None:
             data.device = device_of(work)
         self = cls.__new__(cls)
-        self._attach(RunState.from_dict(state, spec, model), work, registry, rules,
+        self._attach(run_state, work, registry, rules,
                      example_inputs=example_inputs, data=data, latency=latency,
                      progress=progress, original=model)
         return self
@@ -203,7 +218,8 @@ class Compressor:
             with torch.no_grad(), eval_mode(self.model):
                 run_batch(self.model, batch, index, "the model")
             return
-        raise ValueError("the calibration data is empty: pass at least one batch")
+        raise CalibrationError("the calibration data is empty: pass at least one batch (got "
+                               f"a {type(data.batches).__name__} that yields none)")
 
     # -- saving --------------------------------------------------------------------------
 
@@ -274,13 +290,40 @@ class Compressor:
             state.position >= len(steps) or steps[state.position][0][0] > state.plan.round
         ):
             compressed_by = {e["name"]: e["rule"] for e in state.manifest}
-            rnd = state.plan.round + 1
+            rnd = self._next_round_with_work(state.plan.round + 1, compressed_by)
             new = build_plan(self.model, self.spec, self.rules, state.stats, rnd, compressed_by)
             state.plan = Plan(entries=new.entries, steps=steps[: state.position] + new.steps,
                               round=rnd, warnings=new.warnings)
             state.joint_ranks = {}
             state.joint_tables = {}
             steps = state.plan.steps
+
+    def _next_round_with_work(self, first: int, compressed_by: dict[str, int]) -> int:
+        """The first round from ``first`` whose plan has a step, else the last round.
+
+        A round without a step changes nothing, so the rounds after it see the same
+        model and the same manifest; two such rounds whose rules apply alike (no rule
+        names either in its ``rounds``) plan alike. So only the rounds some rule names
+        and the first round no rule names are planned (without projecting the rounds
+        after them): a run whose remaining rounds match nothing costs a few plans of
+        one round, not one projected plan per round (quadratic in ``rounds``). A round
+        the current plan projects steps for is taken as it is (planned for real next;
+        if it has no step after all, the caller's loop moves on).
+        """
+        state = self.state
+        last = self.spec.rounds
+        projected = {step[0][0] for step in state.plan.steps[state.position:] if step}
+        named = {r for rule in self.rules for r in rule.rounds if first <= r < last}
+        unnamed = next((r for r in range(first, last) if r not in named), None)
+        candidates = sorted(named | ({unnamed} if unnamed is not None else set()))
+        for rnd in candidates:
+            if rnd in projected:
+                return rnd
+            plan = build_plan(self.model, self.spec, self.rules, state.stats, rnd,
+                              compressed_by, project=False)
+            if plan.steps:
+                return rnd
+        return last
 
     def step(self) -> StepReport:
         """Compress the next ``layers_per_step`` layers of the plan; mutates :attr:`model`.
@@ -313,12 +356,20 @@ class Compressor:
         try:
             if self.calibration is not None:
                 self._refresh_reference()
+                self.calibration.step = index
             step = Step(self, index, work)
             entries = step.execute()
         except BaseException as exc:
-            self.hook.musco_step_failed(context=self.view(), step=index, error=exc,
+            # The data source failing is not the strategy's fault that was reading it.
+            error = _calibration_cause(exc) or exc
+            self.hook.musco_step_failed(context=self.view(), step=index, error=error,
                                         compressor=self)
-            raise
+            if error is exc:
+                raise
+            raise error  # keeps its own __cause__: the data source's exception
+        finally:
+            if self.calibration is not None:
+                self.calibration.step = None
         # Commit: nothing below can fail halfway.
         state.manifest.extend(entries)
         self._fingerprint = _fingerprint(self.model)
@@ -441,6 +492,18 @@ class Compressor:
             return {}
         assert self.original is not None
         return collect_layer_data(self.original, self.model, self.calibration, wanted)
+
+
+def _calibration_cause(exc: BaseException) -> CalibrationError | None:
+    """The :class:`CalibrationError` a step's error was caused by (a strategy reading the
+    data when the data source raised), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, CalibrationError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
 
 
 def _fingerprint(model: nn.Module) -> dict[str, tuple[int, int]]:
