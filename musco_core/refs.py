@@ -15,7 +15,6 @@ words its errors for :func:`cattrs.transform_error`, with did-you-mean hints.
 
 from __future__ import annotations
 
-import json
 import sys
 import typing
 import warnings
@@ -152,39 +151,6 @@ class Gate(StrategyRef):
     """
 
 
-def _non_negative_number(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{attribute.name!r} must be a number >= 0, got {value!r}")
-
-
-def _optional_positive_number(instance, attribute, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not value > 0):
-        raise ValueError(f"{attribute.name!r} must be a number > 0 or None, got {value!r}")
-
-
-@attrs.frozen
-class _LegacyRefine:
-    """The deprecated ``Refine(steps=..., scope=...)`` form, only to check its values."""
-
-    steps: int = attrs.field(default=0, validator=[attrs.validators.instance_of(int),
-                                                   attrs.validators.ge(0)])
-    seconds: float | None = attrs.field(default=None, validator=_optional_positive_number)
-    lr: float = attrs.field(default=1e-4, validator=_non_negative_number)
-    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
-    scope: str = attrs.field(default="layer", validator=attrs.validators.in_(("layer", "model")))
-
-
-#: The refiner each ``scope`` of the deprecated form stands for.
-LEGACY_REFINERS = {"layer": "layer_output", "model": "model_output"}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
 class Refine(StrategyRef):
     """Local refinement after each step, without labels, by a refiner by name.
 
@@ -203,44 +169,32 @@ class Refine(StrategyRef):
         if name is not None:
             super().__init__(name, **params)
             return
-        valid = [a.name for a in attrs.fields(_LegacyRefine)]
+        from musco_core.refs_legacy import LegacyRefine
+
+        valid = [a.name for a in attrs.fields(LegacyRefine)]
         for key in params:
             if key not in valid:
                 raise TypeError(f"Refine() got an unexpected keyword argument {key!r}; "
                                 f"{did_you_mean(key, valid)}")
-        self._init_legacy(_LegacyRefine(**params), params, "python")
+        self._init_legacy(LegacyRefine(**params), params, "python")
 
     @classmethod
     def from_legacy_table(cls, table: Mapping[str, Any]) -> Refine:
         """A refine table without ``name`` (deprecated), its values checked with their paths."""
-        legacy = converter.structure(dict(table), _LegacyRefine)
+        from musco_core.refs_legacy import LegacyRefine
+
+        structure = mapping_first(Refine, cattrs.gen.make_dict_structure_fn(
+            LegacyRefine, converter, _cattrs_forbid_extra_keys=True))
+        legacy = structure(dict(table), LegacyRefine)
         ref = cls.__new__(cls)
         ref._init_legacy(legacy, table, "table")
         return ref
 
-    def _init_legacy(self, legacy: _LegacyRefine, given: Iterable[str], form: str) -> None:
-        name = LEGACY_REFINERS[legacy.scope]
-        params = {"steps": legacy.steps}
-        params.update({k: getattr(legacy, k) for k in ("seconds", "lr", "seed")
-                       if k in given and getattr(legacy, k) is not None})
-        params.update({k: float(params[k]) for k in ("seconds", "lr") if k in params})
-        off = legacy.steps == 0
-        python = f"Refine({', '.join([repr(name)] + [f'{k}={v!r}' for k, v in params.items()])})"
-        toml = "{ " + ", ".join(f"{k} = {_toml_value(v)}"
-                                for k, v in {"name": name, **params}.items()) + " }"
-        if form == "table":
-            old = ", ".join(f"{k} = {_toml_value(getattr(legacy, k))}" for k in given)
-            old = f"a refine table without 'name' ({{ {old} }})"
-        else:
-            old = f"Refine({', '.join(f'{k}={getattr(legacy, k)!r}' for k in given)})"
-        if off:
-            new = ("refinement is off without steps: leave refine out (Spec.refine = None), or "
-                   f"turn it on with e.g. Refine({name!r}, steps=100)")
-        elif form == "table":
-            new = f"write refine = {toml} (in Python: {python})"
-        else:
-            new = f"write {python} (in TOML: refine = {toml})"
-        warn_deprecated(f"{old} is deprecated; {new}")
+    def _init_legacy(self, legacy: Any, given: Iterable[str], form: str) -> None:
+        from musco_core.refs_legacy import convert
+
+        name, params, off, message = convert(legacy, given, form)
+        warn_deprecated(message)
         self.__attrs_init__(name, params)
         object.__setattr__(self, "_off", off)
 
@@ -371,9 +325,6 @@ for _cls in (Match, RankRule, Decompose, Gate):
 for _cls in (Match, RankRule, Decompose, Gate, Refine):
     converter.register_unstructure_hook(_cls, unstructure_ref)
 converter.register_structure_hook(Refine, _structure_refine)
-converter.register_structure_hook(
-    _LegacyRefine, mapping_first(Refine, cattrs.gen.make_dict_structure_fn(
-        _LegacyRefine, converter, _cattrs_forbid_extra_keys=True)))
 
 
 # -- errors and strategy parameters -----------------------------------------------------------

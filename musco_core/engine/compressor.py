@@ -8,23 +8,21 @@ import copy
 import sys
 import time
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from musco_core._util import device_of, progress
 from musco_core.engine.state import RunState, StepView, plain_rank
 from musco_core.engine.step import Step
-from musco_core.errors import CalibrationError, MuscoWarning, SpecError
+from musco_core.errors import MuscoWarning, SpecError
 from musco_core.plan import Plan, build_plan
 from musco_core.registry import Registry, default_registry
 from musco_core.report import LayerReport, RunReport, StepReport
 from musco_core.resolve import resolve_refine, resolve_rules
 from musco_core.spec import Spec, unstructure_params
-from musco_core.stats import eval_mode, param_count
+from musco_core.stats import param_count
 
 if TYPE_CHECKING:
     from musco_core.calibration import CalibrationData, LayerData
@@ -101,32 +99,11 @@ class Compressor:
         model) raises :class:`~musco_core.StateFileError` naming the field
         (``... @ position``, ``... @ manifest[0].rank``) before anything is built.
         """
-        from musco_core.persist import StateFileError, load_state_into, read_spec, rebuild
+        from musco_core.engine.restore import from_state
 
-        registry = registry or default_registry()
-        if not isinstance(state, Mapping):
-            raise StateFileError(f"{source} must be a mapping (what Compressor.state_dict() "
-                                 f"returns), got {type(state).__name__}")
-        if "spec" not in state:
-            raise StateFileError.at("spec", f"{source} is incomplete: missing")
-        spec = read_spec(state, source)
-        try:
-            rules = resolve_rules(spec, registry)
-        except SpecError as exc:
-            raise StateFileError.at("spec", "the saved spec does not fit this registry: "
-                                    + "; ".join(exc.problems), source) from exc
-        run_state = RunState.from_dict(state, spec, model, source=source)
-        data = cls._calibration_data(spec, calibration, None)
-        work = copy.deepcopy(model)
-        rebuild(work, state["manifest"], registry, source=source)
-        load_state_into(work, state["model"], source)
-        if data is not None:
-            data.device = device_of(work)
-        self = cls.__new__(cls)
-        self._attach(run_state, work, registry, rules,
-                     example_inputs=example_inputs, data=data, latency=latency,
-                     progress=progress, original=model)
-        return self
+        return from_state(cls, state, model, example_inputs=example_inputs,
+                          calibration=calibration, latency=latency, progress=progress,
+                          registry=registry, source=source)
 
     @classmethod
     def resume(cls, path: str | Path, model: nn.Module, **options: Any) -> Compressor:
@@ -162,11 +139,16 @@ class Compressor:
         self.calibration = data
         #: The reference model data-aware fits aim at (``Calibration.reference``).
         self.original: nn.Module | None = None
+        #: ``{tensor: (storage, version)}`` when the last step ended (data-aware runs only),
+        #: to notice fine-tuning between steps.
+        self.reference_fingerprint: dict[str, tuple[int, int]] | None = None
         if data is not None:
-            self._check_calibration(data)
+            from musco_core.engine.data import check_first_batch, fingerprint, frozen_copy
+
+            check_first_batch(self.model, data)
             if state.spec.calibration.reference != "step":
-                self.original = _frozen_copy(original).to(device_of(model))
-        self._fingerprint = _fingerprint(model)
+                self.original = frozen_copy(original).to(device_of(model))
+            self.reference_fingerprint = fingerprint(model)
 
     # -- the state, as attributes --------------------------------------------------------
 
@@ -209,17 +191,6 @@ class Compressor:
                             "Compressor(..., calibration=batches) or leave refine out @ $.refine")
         if problems:
             raise SpecError(problems)
-
-    def _check_calibration(self, data: CalibrationData) -> None:
-        """Run the first calibration batch once, so bad data fails before anything changes."""
-        from musco_core.calibration import run_batch
-
-        for index, batch in enumerate(data):
-            with torch.no_grad(), eval_mode(self.model):
-                run_batch(self.model, batch, index, "the model")
-            return
-        raise CalibrationError("the calibration data is empty: pass at least one batch (got "
-                               f"a {type(data.batches).__name__} that yields none)")
 
     # -- saving --------------------------------------------------------------------------
 
@@ -355,13 +326,18 @@ class Compressor:
         started = time.perf_counter()
         try:
             if self.calibration is not None:
-                self._refresh_reference()
+                from musco_core.engine.data import refresh_reference
+
+                refresh_reference(self)
                 self.calibration.step = index
             step = Step(self, index, work)
             entries = step.execute()
         except BaseException as exc:
-            # The data source failing is not the strategy's fault that was reading it.
-            error = _calibration_cause(exc) or exc
+            error = exc
+            if self.calibration is not None:  # the data source failing is not the fault
+                from musco_core.engine.data import calibration_cause  # of who read it
+
+                error = calibration_cause(exc) or exc
             self.hook.musco_step_failed(context=self.view(), step=index, error=error,
                                         compressor=self)
             if error is exc:
@@ -372,7 +348,10 @@ class Compressor:
                 self.calibration.step = None
         # Commit: nothing below can fail halfway.
         state.manifest.extend(entries)
-        self._fingerprint = _fingerprint(self.model)
+        if self.calibration is not None:
+            from musco_core.engine.data import fingerprint
+
+            self.reference_fingerprint = fingerprint(self.model)
         saved = 0
         for name, built in step.built.items():
             saved += state.stats[name].flops - built.stats.flops
@@ -394,15 +373,6 @@ class Compressor:
                 stacklevel=2)
         return report
 
-    def _refresh_reference(self) -> None:
-        """Take the model as it is now as the reference, if ``Calibration.reference`` says so."""
-        mode = self.spec.calibration.reference
-        changed = self._fingerprint is not None and _fingerprint(self.model) != self._fingerprint
-        if mode == "step" or (mode == "auto" and changed) or self.original is None:
-            self.original = None  # free the old copy first
-            self.original = _frozen_copy(self.model)
-            self._fingerprint = _fingerprint(self.model)
-
     def _model_totals(self, flops_before: int, flops_after: int) -> dict[str, int]:
         params = param_count(self.model)
         before = self.reports[-1].model_params_after if self.reports else self.model_params_before
@@ -414,8 +384,8 @@ class Compressor:
         """Call hook ``name`` through pluggy, one plugin's implementation at a time.
 
         Wrappers (``wrapper=True``) wrap each call; ``tryfirst``/``trylast`` order
-        holds. A raising implementation becomes a :class:`MuscoWarning` naming its
-        plugin: the step is committed by then, so it must not look failed.
+        holds. A raising implementation (a wrapper's too) becomes a :class:`MuscoWarning`
+        naming its plugin: the step is committed by then, so it must not look failed.
         """
         caller = getattr(self.hook, name)
         impls = caller.get_hookimpls()
@@ -426,7 +396,12 @@ class Compressor:
         for plugin_name, call in calls:
             try:
                 call(**kwargs)
-            except Exception as exc:
+            except Exception as exc:  # blame the implementation in the traceback (a wrapper?)
+                codes = {i.function.__code__: i.plugin_name for i in impls}
+                tb = exc.__traceback__
+                while tb is not None:
+                    plugin_name = codes.get(tb.tb_frame.f_code, plugin_name)
+                    tb = tb.tb_next
                 warnings.warn(
                     f"hook {name} of plugin {plugin_name!r} raised {type(exc).__name__}: "
                     f"{exc}; step {index} is committed all the same", MuscoWarning,
@@ -462,59 +437,10 @@ class Compressor:
 
             choose_joint_ranks(self, names)
 
-    def _needs(self, name: str) -> frozenset[str]:
-        rule = self.rules[self.plan.entry(name).rule]
-        needs = (rule.decomposition.strategy.needs(rule.decomposition.params)
-                 | rule.rank.strategy.needs(rule.rank.params))
-        for gate in rule.gates:
-            needs |= gate.strategy.needs(gate.params)
-        return needs
-
     def layer_data(self, names: list[str]) -> dict[str, LayerData]:
-        """The statistics named by the strategies of ``names``, for the layers that need any.
-
-        Collected now, on the model as it is (earlier steps compressed and maybe
-        fine-tuned), beside the reference model: one pass over the calibration data.
-        """
+        """The statistics the strategies of ``names`` need (see :mod:`musco_core.engine.data`)."""
         if self.calibration is None:
             return {}
-        from musco_core.calibration import collect_layer_data
+        from musco_core.engine.data import layer_data
 
-        table = self.registry.entries["statistics"]
-        wanted = {}
-        for name in names:
-            needs = self._needs(name)
-            if needs:
-                rule = self.rules[self.plan.entry(name).rule]
-                wanted[name] = (self.model.get_submodule(name), rule.decomposition.strategy,
-                                {n: table[n].strategy for n in sorted(needs)})
-        if not wanted:
-            return {}
-        assert self.original is not None
-        return collect_layer_data(self.original, self.model, self.calibration, wanted)
-
-
-def _calibration_cause(exc: BaseException) -> CalibrationError | None:
-    """The :class:`CalibrationError` a step's error was caused by (a strategy reading the
-    data when the data source raised), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, CalibrationError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__
-    return None
-
-
-def _fingerprint(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Storage and in-place version of every parameter and buffer: training changes them."""
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return {name: (t.data_ptr(), t._version) for name, t in tensors}
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with gradients off: the original the data-aware fits aim at."""
-    copy_ = copy.deepcopy(model).eval()
-    for p in copy_.parameters():
-        p.requires_grad_(False)
-    return copy_
+        return layer_data(self, names)
