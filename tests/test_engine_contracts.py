@@ -59,3 +59,28 @@ def test_resuming_a_joint_rule_without_example_inputs_or_data_says_what_to_pass(
                                     example_inputs=torch.randn(2, 32), progress=False)
     again.step()
     assert again.done
+
+
+def test_a_raising_wrapper_is_blamed_on_its_own_plugin():
+    class Plain:
+        @musco.hookimpl
+        def musco_step_finished(self, step):
+            pass
+
+    class Wrapper:
+        @musco.hookimpl(wrapper=True)
+        def musco_step_finished(self, step):
+            yield
+            raise RuntimeError("wrapper broke")
+
+    registry = musco.Registry()
+    registry.register_plugin(Plain(), name="plain_one")
+    registry.register_plugin(Wrapper(), name="the_wrapper")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    spec = musco.Spec(rules=[musco.Rule(match="linear", decomposition="svd",
+                                        rank=musco.RankRule("fixed", rank=2))])
+    compressor = musco.Compressor(model, spec, torch.randn(2, 16), registry=registry)
+    with pytest.warns(musco.MuscoWarning, match="of plugin 'the_wrapper' raised RuntimeError"):
+        compressor.step()
+    assert compressor.position == 1
