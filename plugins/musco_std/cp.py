@@ -192,18 +192,37 @@ def _svd_init(tensor: torch.Tensor, rank: int, generator: torch.Generator) -> li
     return factors
 
 
+def _random_init(tensor: torch.Tensor, rank: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Seeded standard Gaussian factors with columns of about unit norm."""
+    return [(torch.randn(size, rank, generator=generator, dtype=torch.float64)
+             / math.sqrt(size)).to(tensor.device) for size in tensor.shape]
+
+
+def _starts(tensor: torch.Tensor, rank: int, generator: torch.Generator):
+    """The ALS starts, in order: the primary one, the other SVD-based one, then random ones."""
+    n_slices = math.prod(sorted(tensor.shape)[:-2])
+    if rank >= n_slices:
+        yield _slice_init(tensor, rank)
+        yield _svd_init(tensor, rank, generator)
+    else:
+        yield _svd_init(tensor, rank, generator)
+        yield _slice_init(tensor, rank)
+    while True:
+        yield _random_init(tensor, rank, generator)
+
+
 def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 500, tol: float = 1e-5,
-           patience: int = 3, random_state: int = 0,
-           line_search: bool = True) -> list[torch.Tensor]:
+           patience: int = 3, random_state: int = 0, line_search: bool = True,
+           restarts: int = 1) -> list[torch.Tensor]:
     """CP decomposition of an N-way tensor by alternating least squares.
 
     .. math::  T \\approx \\sum_{r=1}^{R} a^{(0)}_r \\circ a^{(1)}_r \\circ \\dots
 
     Start: if ``rank`` is at least the number of slices spanned by the two
     largest modes, :func:`_slice_init` (per-slice SVDs, exact for slice-wise
-    low-rank data); otherwise the leading singular vectors of each unfolding,
-    completed with seeded random columns (``random_state``) where ``rank``
-    exceeds a mode's size. Each ALS update solves
+    low-rank data); otherwise the leading singular vectors of each unfolding
+    (:func:`_svd_init`), completed with seeded random columns (``random_state``)
+    where ``rank`` exceeds a mode's size. Each ALS update solves
     ``A_n V = MTTKRP_n`` with ``V`` the Hadamard product of the other Gram
     matrices, by a Cholesky solve with a tiny ridge (``1e-12 trace(V) / R``) so
     rank-deficient starts stay solvable. With ``line_search``, from the third
@@ -215,14 +234,23 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 500, tol: float
 
     Stopping rule: the relative error ``e_k = |T - T'_k| / |T|`` is tracked from
     the Gram matrices (exactly, from the residual, once it falls below ``1e-4``,
-    where the Gram formula loses digits). Iteration stops when ``e_k`` reaches
+    where the Gram formula loses digits). A run stops when ``e_k`` reaches
     the precision of the input (``10 eps`` of float32 for float32 / half inputs,
     of float64 for float64 ones), when the relative change
     ``|e_{k-1} - e_k| / e_{k-1}`` stays below ``tol`` for ``patience``
-    consecutive sweeps, or after ``n_iter_max`` sweeps. A sweep that makes the
-    error worse is a change like any other, not a reason to stop: ALS crosses
-    swamps (nearly collinear components) where the error stalls and then
-    drops again.
+    consecutive sweeps, or when the sweeps run out.
+
+    Swamps: a run that stops on the relative-change rule above the input's
+    precision has either converged or stalled on a swamp, a long plateau of
+    slow decrease (the iterates leave a saddle slowly) after which the error
+    drops again; the error curve cannot tell the two apart. So such a run is
+    followed by a restart, up to ``restarts`` times: from the other SVD-based
+    start (:func:`_slice_init` after :func:`_svd_init` and vice versa), then
+    from seeded random factors. The result with the lowest error is kept, so a
+    restart never makes it worse, and ``n_iter_max`` bounds the sweeps of all
+    starts together: a run that uses all its sweeps is never restarted, one
+    that reaches the input's precision needs no restart. ``restarts=0`` is the
+    single-start ALS of issue 10.
 
     All arithmetic is in float64 on the tensor's device, whatever its dtype:
     the error is a small difference of large numbers and float32 hides
@@ -241,11 +269,6 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 500, tol: float
     floor = 10 * torch.finfo(working_dtype(tensor)).eps
     n_modes = t.ndim
     generator = torch.Generator().manual_seed(int(random_state))
-    n_slices = math.prod(sorted(t.shape)[:-2])
-    if rank >= n_slices:
-        factors = _slice_init(t, rank)
-    else:
-        factors = _svd_init(t, rank, generator)
     orders, permuted = [], []
     for mode in range(n_modes):
         others = [m for m in range(n_modes) if m != mode]
@@ -253,7 +276,6 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 500, tol: float
         order = (mode, *[m for m in others if m != big], big)
         orders.append(order)
         permuted.append(t.permute(*order).contiguous())
-    grams = [f.T @ f for f in factors]
     norm = float(torch.linalg.vector_norm(t))
     norm2 = norm * norm
     eye = torch.eye(rank, dtype=torch.float64, device=t.device)
@@ -261,43 +283,62 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 500, tol: float
     def exact_error(fs: list[torch.Tensor]) -> float:
         return float(torch.linalg.vector_norm(t - cp_reconstruct(fs))) / norm
 
-    error = math.inf
-    stalled = 0
-    for sweep in range(max(1, n_iter_max)):
-        before = list(factors)
-        for mode in range(n_modes):
-            v = torch.ones_like(grams[0])
-            for m in range(n_modes):
-                if m != mode:
-                    v = v * grams[m]
-            m_mat = _mttkrp(permuted[mode], factors, mode, orders[mode])
-            ridge = 1e-12 * float(torch.diagonal(v).sum()) / rank + 1e-300
-            chol = torch.linalg.cholesky(v + ridge * eye)
-            new = torch.cholesky_solve(m_mat.T, chol).T
-            factors[mode] = new
-            grams[mode] = new.T @ new
-        if norm2 == 0:
+    def run(factors: list[torch.Tensor],
+            budget: int) -> tuple[list[torch.Tensor], float, int, bool]:
+        """ALS from ``factors`` for at most ``budget`` sweeps: (factors, error, sweeps, stalled)."""
+        factors = [f.to(t.device) for f in factors]
+        grams = [f.T @ f for f in factors]
+        error = math.inf
+        stalled = 0
+        sweep = 0
+        for sweep in range(budget):
+            before = list(factors)
+            for mode in range(n_modes):
+                v = torch.ones_like(grams[0])
+                for m in range(n_modes):
+                    if m != mode:
+                        v = v * grams[m]
+                m_mat = _mttkrp(permuted[mode], factors, mode, orders[mode])
+                ridge = 1e-12 * float(torch.diagonal(v).sum()) / rank + 1e-300
+                chol = torch.linalg.cholesky(v + ridge * eye)
+                new = torch.cholesky_solve(m_mat.T, chol).T
+                factors[mode] = new
+                grams[mode] = new.T @ new
+            if norm2 == 0:
+                return factors, 0.0, sweep + 1, False
+            inner = float((m_mat * new).sum())
+            rec2 = float((v * grams[n_modes - 1]).sum())
+            new_error = math.sqrt(max(norm2 - 2 * inner + rec2, 0.0) / norm2)
+            if new_error < 1e-4:  # the Gram formula has lost most digits here
+                new_error = exact_error(factors)
+            if line_search and sweep >= 2:
+                # Extrapolate along the last sweep's step; keep it if the error drops.
+                step = sweep ** (1.0 / 3.0)
+                trial = [f + step * (f - b) for f, b in zip(factors, before)]
+                trial_error = exact_error(trial)
+                if trial_error < new_error:
+                    factors, new_error = trial, trial_error
+                    grams = [f.T @ f for f in factors]
+            if new_error <= floor:
+                return factors, new_error, sweep + 1, False
+            change = (abs(error - new_error) / error if math.isfinite(error) and error > 0
+                      else math.inf)
+            stalled = stalled + 1 if change < tol else 0
+            error = new_error
+            if stalled >= patience:
+                return factors, error, sweep + 1, True
+        return factors, error, sweep + 1, False
+
+    budget = max(1, n_iter_max)
+    best, best_error = None, math.inf
+    for start, factors in enumerate(_starts(t, rank, generator)):
+        factors, error, used, stalled = run(factors, budget)
+        if best is None or error < best_error:
+            best, best_error = factors, error
+        budget -= used
+        if not stalled or budget <= 0 or start >= restarts:
             break
-        inner = float((m_mat * new).sum())
-        rec2 = float((v * grams[n_modes - 1]).sum())
-        new_error = math.sqrt(max(norm2 - 2 * inner + rec2, 0.0) / norm2)
-        if new_error < 1e-4:  # the Gram formula has lost most digits here
-            new_error = exact_error(factors)
-        if line_search and sweep >= 2:
-            # Extrapolate along the last sweep's step; keep it if the error drops.
-            step = sweep ** (1.0 / 3.0)
-            trial = [f + step * (f - b) for f, b in zip(factors, before)]
-            trial_error = exact_error(trial)
-            if trial_error < new_error:
-                factors, new_error = trial, trial_error
-                grams = [f.T @ f for f in factors]
-        if new_error <= floor:
-            break
-        change = abs(error - new_error) / error if math.isfinite(error) and error > 0 else math.inf
-        stalled = stalled + 1 if change < tol else 0
-        error = new_error
-        if stalled >= patience:
-            break
+    factors = best
     # Share each component's norm equally among the factors.
     norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
     total = torch.stack(norms).prod(0)
@@ -315,9 +356,14 @@ def _int(instance, attribute, value) -> None:
         raise ValueError(f"{attribute.name!r} must be an int, got {value!r}")
 
 
+def non_negative_int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name!r} must be an int >= 0, got {value!r}")
+
+
 @attrs.frozen
 class CPParams:
-    #: Maximum number of ALS sweeps.
+    #: Maximum number of ALS sweeps, of all starts together (see ``restarts``).
     n_iter_max: int = attrs.field(default=500, validator=positive_int)
     #: Stop when the relative error changes by less than this fraction of itself
     #: (``|e_prev - e| / e_prev < tol``) for ``patience`` consecutive sweeps.
@@ -325,10 +371,15 @@ class CPParams:
     #: Consecutive sweeps below ``tol`` before stopping.
     patience: int = attrs.field(default=3, validator=positive_int)
     #: Seed of the random start columns (only used when the rank exceeds a mode's size
-    #: and is below the number of slices; the result is deterministic for a seed).
+    #: and is below the number of slices) and of random restarts (``restarts >= 2``); the
+    #: result is deterministic for a seed.
     random_state: int = attrs.field(default=0, validator=_int)
     #: Extrapolate the factors after each sweep and keep them if the error drops.
     line_search: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    #: Restarts after a start stopped by ``tol`` above the input's precision (possibly in a
+    #: swamp): from the other SVD-based start, then from random factors; the lowest error is
+    #: kept and ``n_iter_max`` bounds the sweeps of all starts together. 0: a single start.
+    restarts: int = attrs.field(default=1, validator=non_negative_int)
 
 
 class _CPBase(Decomposition):
@@ -476,7 +527,8 @@ class CP3(_CPBase):
         cout, cin, kh, kw = weight.shape
         a, b, c = cp_als(weight.reshape(cout, cin, kh * kw), rank, n_iter_max=params.n_iter_max,
                          tol=params.tol, patience=params.patience,
-                         random_state=params.random_state, line_search=params.line_search)
+                         random_state=params.random_state, line_search=params.line_search,
+                         restarts=params.restarts)
         return b.T.contiguous(), c.T.reshape(rank, kh, kw).contiguous(), a
 
     def reconstruct(self, factors) -> torch.Tensor:
@@ -539,7 +591,7 @@ class CP4(_CPBase):
         params = params if params is not None else CPParams()
         a, b, v, h = cp_als(weight, rank, n_iter_max=params.n_iter_max, tol=params.tol,
                             patience=params.patience, random_state=params.random_state,
-                            line_search=params.line_search)
+                            line_search=params.line_search, restarts=params.restarts)
         return b.T.contiguous(), v.T.contiguous(), h.T.contiguous(), a
 
     def reconstruct(self, factors) -> torch.Tensor:
