@@ -346,25 +346,14 @@ class Registry:
 
         Broken plugins (see :attr:`broken`) are not in it; ``musco plugins`` lists them.
         """
-        out: dict[str, list[dict[str, Any]]] = {}
-        for kind in KINDS:
-            rows = []
-            for name in self.names(kind):
-                entry = self.entries[kind][name]
-                replaced = entry.replaces
-                rows.append(
-                    {
-                        "name": entry.name,
-                        "summary": entry.strategy.summary,
-                        "aliases": list(entry.aliases),
-                        "distribution": entry.distribution,
-                        # the strategy this one replaced with override=True, if any
-                        "overrides": None if replaced is None else {
-                            "name": replaced.name, "distribution": replaced.distribution},
-                    }
-                )
-            out[kind] = rows
-        return out
+        def row(entry: Entry) -> dict[str, Any]:
+            replaced = entry.replaces  # the strategy this one replaced with override=True
+            return {"name": entry.name, "summary": entry.strategy.summary,
+                    "aliases": list(entry.aliases), "distribution": entry.distribution,
+                    "overrides": replaced and {"name": replaced.name,
+                                               "distribution": replaced.distribution}}
+
+        return {kind: [row(self.entries[kind][n]) for n in self.names(kind)] for kind in KINDS}
 
 
 def _entry(strategy: Any, aliases: tuple[str, ...], dist: str | None, override: bool, *,

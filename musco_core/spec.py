@@ -291,7 +291,9 @@ class Spec:
         if not isinstance(data, Mapping):
             raise SpecError(f"a spec must be a mapping, got {type(data).__name__} @ $")
         try:
-            problems = _key_problems(data, "$")
+            from musco_core.spec_text import key_problems
+
+            problems = key_problems(data, "$")
             if problems:
                 raise SpecError(problems)
             return converter.structure(dict(data), cls)
@@ -374,24 +376,6 @@ class Spec:
         if problems:
             raise SpecError(problems)
 
-
-
-def _key_problems(value: Any, path: str) -> list[str]:
-    """Every mapping key that is not a string (YAML's ``1: 2``), with its path."""
-    problems: list[str] = []
-    stack = [(value, path)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, Mapping):
-            for k, v in item.items():
-                if not isinstance(k, str):
-                    problems.append(f"keys must be strings, got {k!r} ({type(k).__name__}) "
-                                    f"@ {where}")
-                else:
-                    stack.append((v, f"{where}.{k}"))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
-    return sorted(problems)
 
 
 

@@ -86,3 +86,21 @@ def _reject_none(value: Any, path: str) -> None:
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _reject_none(v, f"{path}[{i}]")
+
+
+def key_problems(value: Any, path: str) -> list[str]:
+    """Every mapping key that is not a string (YAML's ``1: 2``), with its path."""
+    problems: list[str] = []
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, Mapping):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    problems.append(f"keys must be strings, got {k!r} ({type(k).__name__}) "
+                                    f"@ {where}")
+                else:
+                    stack.append((v, f"{where}.{k}"))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return sorted(problems)

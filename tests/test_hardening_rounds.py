@@ -80,7 +80,7 @@ def _count_build_plan(monkeypatch) -> list[int]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(plan_module, "build_plan", counting)
-    monkeypatch.setattr("musco_core.engine.compressor.build_plan", counting)
+    monkeypatch.setattr("musco_core.engine.rounds.build_plan", counting)
     return calls
 
 

@@ -148,7 +148,7 @@ class StatsTimer:
         self.calls = 0
 
     def __enter__(self):
-        import musco_core.calibration as engine  # the engine looks it up there at each step
+        import musco_core.engine.data as engine  # where the engine calls it at each step
 
         self._engine, self._original = engine, engine.collect_layer_data
 
