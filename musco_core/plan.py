@@ -48,7 +48,10 @@ class Plan:
     entries: tuple[PlanEntry, ...]
     steps: tuple[tuple[tuple[int, str], ...], ...]
     round: int = 1
-    #: Things worth a look that do not stop the run: ranks far below full rank.
+    #: Things worth a look that do not stop the run: ranks far below full rank, and
+    #: layers a rule of a later round matches but cannot compress (under
+    #: ``unsupported = "skip"``; projected ones start ``round N (projected):``). The
+    #: engine warns each as a :class:`~musco_core.errors.MuscoWarning` when it plans the round.
     warnings: tuple[str, ...] = ()
     #: Layers of later rounds, projected: ``(round, layer, rule index)``.
     later: tuple[tuple[int, str, int], ...] = ()
@@ -137,6 +140,9 @@ def build_plan(
     on a projection of the model (each planned layer replaced by its
     decomposition's ``skeleton`` on the ``meta`` device), so a rule limited to
     round 2 fails now, not after round 1's fine-tuning; their steps are counted.
+    A later round's rule that matches a layer it cannot compress is a line in
+    ``warnings`` (a :class:`SpecError` under ``unsupported = "error"``), so a round
+    that will do less than asked says so before round 1 starts.
     """
     compressed_by = compressed_by or {}
     problems: list[str] = []
@@ -173,6 +179,9 @@ def build_plan(
                 entries.append(PlanEntry(name, kind, "skipped", rule=rule.index,
                                          decomposition=rule.decomposition.name,
                                          rank_rule=rule.rank.name, reason=reason))
+                if _news_in_later_round(rule, name, rnd, compressed_by):
+                    warnings.append(later_skip_warning(f"round {rnd}", rule.index, name,
+                                                       reason))
             continue
         entries.append(PlanEntry(name, kind, "compress", rule=rule.index,
                                  decomposition=rule.decomposition.name, rank_rule=rule.rank.name))
@@ -201,14 +210,19 @@ def build_plan(
     later: list[tuple[int, str, int]] = []
     if project and rnd < spec.rounds:
         steps += _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries,
-                               by_rule, later)
+                               by_rule, later, warnings)
     return Plan(entries=tuple(entries), steps=tuple(steps), round=rnd, warnings=tuple(warnings),
                 later=tuple(later))
 
 
 def _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries,
-                  by_rule, projected: list) -> list[tuple[tuple[int, str], ...]]:
-    """Plan rounds ``rnd + 1 ..`` on a projection of the model; their steps, or SpecError."""
+                  by_rule, projected: list, warnings: list[str]
+                  ) -> list[tuple[tuple[int, str], ...]]:
+    """Plan rounds ``rnd + 1 ..`` on a projection of the model; their steps, or SpecError.
+
+    Adds to ``warnings`` the layers a later round's rule matches but cannot compress
+    (see :func:`later_skip_warning`).
+    """
     import copy
 
     steps: list[tuple[tuple[int, str], ...]] = []
@@ -236,10 +250,35 @@ def _later_rounds(model, spec, rules, stats, rnd, compressed_by, layers, entries
             raise SpecError([f"round {later} (projected on the factorized model): {p}"
                              for p in exc.problems]) from None
         steps += [step for step in plan.steps if step and step[0][0] == later]
+        # A rule of this round that matches a layer it cannot compress: say so now, not
+        # only when the round starts.
+        rules_by_index = {r.index: r for r in rules}
+        warnings += [later_skip_warning(f"round {later} (projected)", int(e.rule), e.name,
+                                        e.reason)
+                     for e in plan.entries if e.status == "skipped"
+                     and _news_in_later_round(rules_by_index[int(e.rule)], e.name, later, owner)]
         planned = [e for e in plan.entries if e.status == "compress"]
         projected += [(later, e.name, int(e.rule)) for e in planned]
         current = {e.name: Layer(e.name, layers[e.name], stats[e.name], later) for e in planned}
     return steps
+
+
+def _news_in_later_round(rule: ResolvedRule, name: str, rnd: int,
+                         compressed_by: Mapping[str, int]) -> bool:
+    """Whether skipping ``name`` in round ``rnd`` is news: round 1's plan could not show it.
+
+    That is a layer of a later round that an earlier round compressed, or one that a
+    rule limited to later rounds matches. A layer that a rule of every round skips for
+    the same reason in round 1 (a depthwise conv) is listed in round 1's plan already.
+    """
+    return rnd > 1 and (name in compressed_by or not rule.applies_to(1))
+
+
+def later_skip_warning(when: str, rule: int, name: str, reason: str) -> str:
+    """The plan warning for a layer that rule ``rule`` matches in a later round but cannot
+    compress (``when``: ``"round 2"`` or ``"round 2 (projected)"``)."""
+    return (f"{when}: rule {rule} matches layer {name!r} but cannot compress it, so that "
+            f"round leaves it as it is: {reason}")
 
 
 def _projected_rank(rule: ResolvedRule, layer: Layer) -> Rank:
@@ -310,6 +349,25 @@ def select_rank(rule: ResolvedRule, layer: Layer) -> Rank | None:
     if rank is None:
         return None
     return rule.rank.limits.apply(rank, decomposition.full_rank(layer.module), selector.rounding)
+
+
+#: A layer report's reason when its rank rule chose no rank and did not say why.
+UNCOMPRESSED = "rank rule left it uncompressed"
+
+
+def skip_reason(rule: ResolvedRule, layer: Layer) -> str:
+    """Why ``rule`` leaves ``layer`` as it is, once its rank rule's ``select`` returned ``None``.
+
+    The rank rule's :meth:`~musco_core.RankSelector.skip_reason` (a rate out of reach
+    names the largest reachable one), else :data:`UNCOMPRESSED`. Joint rules are not
+    asked (their ranks are chosen for all layers together).
+    """
+    selector = rule.rank.strategy
+    assert isinstance(selector, RankSelector)
+    if selector.joint:
+        return UNCOMPRESSED
+    reason = selector.skip_reason(layer, rule.decomposition.strategy, rule.rank.params)
+    return str(reason) if reason else UNCOMPRESSED
 
 
 def check_rank(rule: ResolvedRule, layer: Layer, warnings: list[str] | None = None, *,

@@ -75,6 +75,9 @@ class StepReport:
     #: data after the step, and before refinement (measured with ``Refine(scope="model")``).
     model_output_error: float | None = None
     model_refined_from: float | None = None
+    #: Warnings of the round planned when this step started (the plan's ``warnings``, e.g.
+    #: a layer a rule of the round matches but cannot compress); empty for other steps.
+    warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def compressed(self) -> tuple[LayerReport, ...]:
@@ -88,7 +91,8 @@ class StepReport:
         return {"step": self.step, "seconds": self.seconds,
                 "layers": [r.to_dict() for r in self.layers],
                 **{k: getattr(self, k) for k in _MODEL_KEYS},
-                **{k: getattr(self, k) for k in _ERROR_KEYS if getattr(self, k) is not None}}
+                **{k: getattr(self, k) for k in _ERROR_KEYS if getattr(self, k) is not None},
+                **({"warnings": list(self.warnings)} if self.warnings else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepReport:
@@ -101,7 +105,8 @@ class StepReport:
             layers.append(LayerReport(**layer))
         return cls(step=data["step"], layers=tuple(layers), seconds=data["seconds"],
                    **{k: int(data.get(k, 0)) for k in _MODEL_KEYS},
-                   **{k: float(data[k]) for k in _ERROR_KEYS if data.get(k) is not None})
+                   **{k: float(data[k]) for k in _ERROR_KEYS if data.get(k) is not None},
+                   warnings=tuple(str(w) for w in data.get("warnings", ())))
 
     def __str__(self) -> str:
         from musco_core.report_text import step_text

@@ -345,6 +345,16 @@ class RankSelector(Strategy):
         """
         raise NotImplementedError
 
+    def skip_reason(self, layer: Layer, decomposition: Decomposition, params: Any) -> str | None:
+        """Why :meth:`select` returned ``None`` for ``layer``: one sentence for its report.
+
+        Called by the engine only after :meth:`select` returned ``None`` (never for
+        joint rules), with the same arguments. The default, ``None``, gives the plain
+        reason "rank rule left it uncompressed"; say more when the user can act on it
+        (``param_reduction``: "rate 1000 is out of reach: ...; ask for at most 37.2").
+        """
+        return None
+
 
 class Matcher(Strategy):
     """Decides whether a rule applies to a layer."""

@@ -17,7 +17,6 @@ from musco_core._util import device_of, progress
 from musco_core.engine.state import RunState, StepView, plain_rank
 from musco_core.engine.step import Step
 from musco_core.errors import MuscoWarning, SpecError
-from musco_core.plan import Plan, build_plan
 from musco_core.registry import Registry, default_registry
 from musco_core.report import LayerReport, RunReport, StepReport
 from musco_core.resolve import resolve_refine, resolve_rules
@@ -248,53 +247,17 @@ class Compressor:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _replan_if_new_round(self) -> None:
-        """Plan the next round on the model as it is now, when the next step starts one.
-
-        Later rounds were projected (each rule keeping its layers); planning them for
-        real lets rules match the factorized layers. Raises :class:`SpecError`
-        without changing anything.
-        """
+    def _replan_if_new_round(self) -> tuple[str, ...]:
+        """Plan the next round when the next step starts one (see
+        :func:`musco_core.engine.rounds.replan`); its plan's warnings, each warned."""
         state = self.state
-        steps = state.plan.steps
-        while state.plan.round < self.spec.rounds and (
-            state.position >= len(steps) or steps[state.position][0][0] > state.plan.round
-        ):
-            compressed_by = {e["name"]: e["rule"] for e in state.manifest}
-            rnd = self._next_round_with_work(state.plan.round + 1, compressed_by)
-            new = build_plan(self.model, self.spec, self.rules, state.stats, rnd, compressed_by)
-            state.plan = Plan(entries=new.entries, steps=steps[: state.position] + new.steps,
-                              round=rnd, warnings=new.warnings)
-            state.joint_ranks = {}
-            state.joint_tables = {}
-            steps = state.plan.steps
+        if state.plan.round >= self.spec.rounds or (
+                state.position < len(state.plan.steps)
+                and state.plan.steps[state.position][0][0] <= state.plan.round):
+            return ()  # the current round goes on (a one-round run never plans again)
+        from musco_core.engine.rounds import replan
 
-    def _next_round_with_work(self, first: int, compressed_by: dict[str, int]) -> int:
-        """The first round from ``first`` whose plan has a step, else the last round.
-
-        A round without a step changes nothing, so the rounds after it see the same
-        model and the same manifest; two such rounds whose rules apply alike (no rule
-        names either in its ``rounds``) plan alike. So only the rounds some rule names
-        and the first round no rule names are planned (without projecting the rounds
-        after them): a run whose remaining rounds match nothing costs a few plans of
-        one round, not one projected plan per round (quadratic in ``rounds``). A round
-        the current plan projects steps for is taken as it is (planned for real next;
-        if it has no step after all, the caller's loop moves on).
-        """
-        state = self.state
-        last = self.spec.rounds
-        projected = {step[0][0] for step in state.plan.steps[state.position:] if step}
-        named = {r for rule in self.rules for r in rule.rounds if first <= r < last}
-        unnamed = next((r for r in range(first, last) if r not in named), None)
-        candidates = sorted(named | ({unnamed} if unnamed is not None else set()))
-        for rnd in candidates:
-            if rnd in projected:
-                return rnd
-            plan = build_plan(self.model, self.spec, self.rules, state.stats, rnd,
-                              compressed_by, project=False)
-            if plan.steps:
-                return rnd
-        return last
+        return replan(self)
 
     def step(self) -> StepReport:
         """Compress the next ``layers_per_step`` layers of the plan; mutates :attr:`model`.
@@ -312,11 +275,12 @@ class Compressor:
                 f"compression is done: all {len(self.plan.steps)} steps have run "
                 "(check compressor.done before calling step())"
             )
-        self._replan_if_new_round()
+        planned = self._replan_if_new_round()
         state = self.state
         index = state.position
         if index >= len(state.plan.steps):  # the remaining rounds matched no layer
-            report = StepReport(step=index, layers=(), **self._model_totals(0, 0))
+            report = StepReport(step=index, layers=(), warnings=planned,
+                                **self._model_totals(0, 0))
             state.reports.append(report)
             return report
         work = state.plan.steps[index]
@@ -362,7 +326,7 @@ class Compressor:
         report = StepReport(step=index, layers=tuple(step.reports[n] for n in names),
                             seconds=time.perf_counter() - started,
                             **self._model_totals(flops_before, state.model_flops_now),
-                            **step.step_fields)
+                            **step.step_fields, warnings=planned)
         state.reports.append(report)
         self._call_isolated("musco_step_finished", index, context=self.view(), step=index,
                             report=report, compressor=self)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from musco_core.errors import CompressionError
-from musco_core.plan import low_rank_warning, select_rank
+from musco_core.plan import low_rank_warning, select_rank, skip_reason
 from musco_core.report import LayerReport
 from musco_core.resolve import ResolvedRule
 from musco_core.stats import LayerStats, param_count, probe_module
@@ -117,6 +117,7 @@ class Step:
                 rank = run.joint_ranks[rule.index][name]
             else:
                 rank = select_rank(rule, layer)
+            reason = skip_reason(rule, layer) if rank is None else ""
         except Exception as exc:
             raise failure(name, rnd, f"{rank_label} failed", exc, rank_label) from exc
         if rank is not None:
@@ -131,8 +132,7 @@ class Step:
         choice = Choice(rule, module, stats, base, rank, data)
         unchanged = {"params_after": stats.params, "flops_after": stats.flops, **base}
         if rank is None:
-            choice.skipped = LayerReport(status="skipped", reason="rank rule left it uncompressed",
-                                         **unchanged)
+            choice.skipped = LayerReport(status="skipped", reason=reason, **unchanged)
             return choice
         message = decomposition.validate_rank(module, rank)
         if message:

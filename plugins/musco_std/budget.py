@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import heapq
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 
-from musco_core import RankSelector
+from musco_core import MuscoWarning, RankSelector
 from musco_core.strategies import Rank, rank_tuple
 
 #: Target parameters and the cost metric each one asks ``context.cost`` for.
@@ -508,6 +509,27 @@ class _Grid:
     note: str = ""
 
 
+#: Key in the run's ``resources`` marking that the run was warned about measuring
+#: damage without calibration data (once per run, however many rounds and rules).
+_WARNED = "musco_std.budget: warned without calibration data"
+
+
+def _warn_without_calibration(context) -> None:
+    """Warn once per run when damage is measured on ``example_inputs``, not calibration data."""
+    if getattr(context, "has_calibration", True):
+        return
+    resources = getattr(getattr(context, "run", None), "resources", None)
+    if resources is not None:
+        if resources.get(_WARNED):
+            return
+        resources[_WARNED] = True
+    warnings.warn(
+        "rank rule 'budget' measures each layer's damage without calibration data, on "
+        "example_inputs: a handful of inputs ranks layers far less reliably than data like "
+        "the deployment data; pass Compressor(..., calibration=batches)",
+        MuscoWarning, stacklevel=2)
+
+
 class Budget(RankSelector):
     """Ranks for all matched layers together, under one model-level reduction target.
 
@@ -521,7 +543,8 @@ class Budget(RankSelector):
     per layer — or leaves it as it is, unless ``allow_skip`` is false — so that
     the layers' total cost is at most ``1/target`` of their total now, with the
     least summed damage. Measuring costs ``layers x grid`` model evaluations on
-    the calibration batches (or the example inputs).
+    the calibration batches (or the example inputs: far less reliable, so a run
+    without calibration data gets one :class:`~musco_core.MuscoWarning` saying so).
     """
 
     name = "budget"
@@ -558,6 +581,8 @@ class Budget(RankSelector):
         self._check_reach(grids, params, budget, target, value, rest, [
             min([*g.costs.values()] + ([g.before] if params.allow_skip or not g.costs else []))
             for g in grids])
+        if any(g.costs for g in grids):
+            _warn_without_calibration(context)
         loop = context.progress(grids, desc=f"budget: damage of {len(grids)} layers")
         rows, options, choices = [], [], []
         for g in loop:

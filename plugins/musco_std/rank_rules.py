@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -192,12 +193,50 @@ class _PerLayer(RankSelector):
         raise NotImplementedError
 
 
+def _at_most(reach: float) -> float:
+    """``reach`` rounded down to what a spec can ask for (0.1 steps; 0.01 below 2)."""
+    scale = 10 if reach >= 2 else 100
+    return math.floor(reach * scale) / scale
+
+
 class _Reduction(_PerLayer):
     """The largest rank within ``1/rate`` of the layer's current cost."""
 
     Params = ReductionParams
     rounding = "down"
     field, mapping = "rate", "rates"
+    #: What the rate divides, as the skip reason names it.
+    metric = ""
+
+    def cost_now(self, layer) -> float:
+        raise NotImplementedError
+
+    def cost_at(self, layer, decomposition, rank) -> float:
+        raise NotImplementedError
+
+    def skip_reason(self, layer, decomposition, params):
+        """Why no rank was chosen: the rate is out of reach even at the smallest rank.
+
+        Names the largest rate that layer can reach, e.g. ``rate 1000 is out of reach:
+        the smallest rank (1) gives 37.2x fewer FLOPs; ask for at most 37.2``. ``None``
+        (the engine's plain reason) for a layer left out on purpose (``rates``).
+        """
+        rate = getattr(params, self.mapping).get(layer.name, getattr(params, self.field))
+        if rate is None:
+            return None
+        full = decomposition.full_rank(layer.module)
+        smallest = 1 if isinstance(full, int) else tuple(1 for _ in full)
+        at_smallest = self.cost_at(layer, decomposition, smallest)
+        reach = self.cost_now(layer) / at_smallest if at_smallest > 0 else math.inf
+        if reach >= rate:
+            return None  # not what made the rule give up
+        shown = smallest if isinstance(smallest, int) else ", ".join(map(str, smallest))
+        head = (f"rate {rate:g} is out of reach: the smallest rank ({shown}) gives "
+                f"{_at_most(reach):g}x fewer {self.metric}")
+        if _at_most(reach) <= 1:
+            return (f"{head}; decomposition {decomposition.name!r} cannot make this layer "
+                    f"smaller in {self.metric}: exclude it or use another decomposition")
+        return f"{head}; ask for at most {_at_most(reach):g}"
 
 
 class ParamReduction(_Reduction):
@@ -209,6 +248,13 @@ class ParamReduction(_Reduction):
 
     name = "param_reduction"
     summary = "largest rank with at most 1/rate of the layer's parameters"
+    metric = "parameters"
+
+    def cost_now(self, layer) -> float:
+        return float(param_count(layer.module))
+
+    def cost_at(self, layer, decomposition, rank) -> float:
+        return float(decomposition.param_count(layer.module, rank))
 
     def rank_for(self, layer, decomposition, rate: float):
         return decomposition.rank_for_param_count(layer.module, param_count(layer.module) / rate)
@@ -224,6 +270,13 @@ class FlopReduction(_Reduction):
 
     name = "flop_reduction"
     summary = "largest rank with at most 1/rate of the layer's FLOPs"
+    metric = "FLOPs"
+
+    def cost_now(self, layer) -> float:
+        return float(layer.stats.flops)
+
+    def cost_at(self, layer, decomposition, rank) -> float:
+        return float(decomposition.flop_count(layer.module, rank, layer.stats))
 
     def rank_for(self, layer, decomposition, rate: float):
         flops = layer.stats.flops
