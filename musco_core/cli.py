@@ -93,7 +93,11 @@ def cmd_plugins(args) -> None:
         print(f"{kind}:")
         for row in rows:
             aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
-            print(f"  {row['name']:<18} {row['distribution'] or '-':<14} {row['summary']}{aliases}")
+            replaced = row.get("overrides")
+            overrides = (f" (overrides {replaced['name']!r} from "
+                         f"{replaced['distribution'] or 'an unnamed plugin'})" if replaced else "")
+            print(f"  {row['name']:<18} {row['distribution'] or '-':<14} {row['summary']}"
+                  f"{aliases}{overrides}")
     if broken:
         print("broken (skipped; MUSCO_STRICT_PLUGINS=1 makes this an error):")
         for row in broken:
