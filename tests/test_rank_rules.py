@@ -265,7 +265,9 @@ def test_vbmf_is_the_weakened_evbmf_rank(n_in, n_out, planted, w, seed):
     rank = VBMF().select(layer, svd, VBMFParams(weakening=w))
     full = min(n_in, n_out)
     r = evbmf_rank(layer.module.weight)
-    assert r == planted  # well above the noise: see tests/test_evbmf.py
+    # EVBMF finds the planted rank, or one more at this noise on the smallest shapes
+    # (e.g. 25x16, rank 1, seed 25 gives 2); exact recovery is tests/test_evbmf.py's.
+    assert planted <= r <= planted + 1
     assert rank == weaken(full, r, w) == max(1, int(full - w * (full - r)))
     assert r <= rank <= full
 
