@@ -599,3 +599,59 @@ class Clashing(_Gate):
 def test_the_kit_catches_broken_gates(gate, message):
     with pytest.raises(AssertionError, match=message):
         check_gate(gate)
+
+
+# -- check_refiner ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["layer_output", "model_output"])
+def test_first_party_refiners_conform(name):
+    from musco_core.testing import check_refiner
+
+    check_refiner(name, {"steps": 5, "lr": 1e-2})
+
+
+class _BrokenRefiner(musco.Refiner):
+    name = "broken"
+    summary = "a refiner that does what it must not"
+
+    def objective(self, modules, context, params):
+        return 0.0
+
+
+class _TouchesTheModel(_BrokenRefiner):
+    def refine(self, modules, context, params):
+        with torch.no_grad():
+            context.model[0].weight.add_(1.0)
+
+
+class _LeavesGrads(_BrokenRefiner):
+    def refine(self, modules, context, params):
+        for m in modules.values():
+            sum(p.sum() for p in m.parameters()).backward()
+
+
+class _Unseeded(_BrokenRefiner):
+    def refine(self, modules, context, params):
+        with torch.no_grad():
+            for m in modules.values():
+                for p in m.parameters():
+                    p.add_(torch.randn(p.shape))  # the global RNG, not seeded
+
+
+class _Swaps(_BrokenRefiner):
+    def refine(self, modules, context, params):
+        context.model[2] = modules["2"]
+
+
+@pytest.mark.parametrize("refiner, message", [
+    (_TouchesTheModel(), r"refine\(\) changed the layer's '0.weight'"),
+    (_LeavesGrads(), r"left .grad on the new module's"),
+    (_Unseeded(), r"two runs from the same start differ"),
+    (_Swaps(), r"put the new module into the model"),
+])
+def test_the_kit_catches_broken_refiners(refiner, message):
+    from musco_core.testing import check_refiner
+
+    with pytest.raises(AssertionError, match=message):
+        check_refiner(refiner)

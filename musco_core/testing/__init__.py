@@ -5,7 +5,8 @@ Rank rules: :func:`check_rank_rule`, and :func:`compare_rank_rules` to compare
 a new rule with another (say ``vbmf``) on the same model; :func:`layer_for` makes
 the :class:`~musco_core.Layer` a rule sees from a module and an input shape, and
 :func:`planted_weight` a weight of known rank plus noise.
-Policy kinds: :func:`check_statistic`, :func:`check_cost`, :func:`check_gate`.
+Policy kinds: :func:`check_statistic`, :func:`check_cost`, :func:`check_gate`,
+:func:`check_refiner`.
 
 ::
 
@@ -42,7 +43,7 @@ from musco_core.testing.checks import (
     tucker2_reference,
 )
 from musco_core.testing.data import DATA_LAYERS, anisotropic_inputs, check_data_aware
-from musco_core.testing.kinds import check_cost, check_gate, check_statistic
+from musco_core.testing.kinds import check_cost, check_gate, check_refiner, check_statistic
 from musco_core.testing.rank_rules import (
     RankComparison,
     check_rank_rule,
@@ -78,5 +79,5 @@ __all__ = [
     "low_rank_matrices", "low_rank_matrix", "noisy", "parametrize_with_checks", "seeds",
     "tucker2_weight", "tucker2_weights",
     "DATA_LAYERS", "anisotropic_inputs", "check_data_aware",
-    "check_cost", "check_gate", "check_statistic",
+    "check_cost", "check_gate", "check_refiner", "check_statistic",
 ]

@@ -1,4 +1,4 @@
-"""Conformance checks for the policy kinds: statistics, costs and gates.
+"""Conformance checks for the policy kinds: statistics, costs, gates and refiners.
 
 Each check runs the strategy the way the engine does, on small float64 data and sample
 layers, and raises :class:`AssertionError` naming the strategy and what failed::
@@ -8,6 +8,7 @@ layers, and raises :class:`AssertionError` naming the strategy and what failed::
     check_statistic(InputAbsMean())                    # or a registered name: "input_gram"
     check_cost(MyCost(), decomposition="svd")          # monotone=False for a measured cost
     check_gate(MyGate(), {"limit": 8})
+    check_refiner("model_output", {"steps": 5})
 
 Costs and gates get a stand-in :class:`musco_core.RunContext` /
 :class:`musco_core.RoundContext` built from the real classes around a one-layer model
@@ -38,7 +39,7 @@ from musco_core.strategies import (
 from musco_core.testing.checks import default_ranks, one_thread
 from musco_core.testing.rank_rules import sample_layers
 
-__all__ = ["check_cost", "check_gate", "check_statistic"]
+__all__ = ["check_cost", "check_gate", "check_refiner", "check_statistic"]
 
 #: LayerReport fields the engine sets itself; a gate's report fields may not name them
 #: (the engine passes a gate's fields next to its own, so a clash is a TypeError or an
@@ -400,3 +401,68 @@ def check_gate(gate: GateStrategy | str, params: Any = None, *,
         _unchanged(layer.module, before, where, "keep()")
         found[where] = (rank, adjusted, verdict)
     return found
+
+
+# -- refiners ---------------------------------------------------------------------------
+
+
+def _refine_stand_in(seed: int) -> tuple[nn.Module, nn.Module, list[torch.Tensor], nn.Module]:
+    """A 3-layer model, a frozen copy (the reference), seeded data, and layer '2' as rank-4 SVD."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 6))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    data = [torch.randn(8, 12, generator=g) for _ in range(3)]
+    svd = default_registry().get("decompositions", "svd").strategy
+    new, _ = svd.compress(model[2], 4, svd.Params())
+    return model, reference, data, new
+
+
+@one_thread
+def check_refiner(refiner: Any, params: Any = None, *, registry: Registry | None = None,
+                  seed: int = 0) -> None:
+    """A refiner trains only the new modules, leaves the model alone, and is deterministic.
+
+    On a small MLP whose middle Linear is replaced by a rank-4 SVD module (not in the
+    model, as the engine hands it over) with three calibration batches:
+    :meth:`~musco_core.Refiner.objective` is a finite number >= 0 before and after;
+    :meth:`~musco_core.Refiner.refine` changes no parameter or buffer of the model or
+    the reference, leaves no ``.grad`` on any of them or the new module, does not put the
+    new module into the model, and two runs from the same start give the same weights.
+    ``params`` default to ``Params()``; pass small ``steps`` to keep it fast.
+    """
+    from musco_core.calibration import CalibrationData
+    from musco_core.context import RunContext
+
+    strategy = _resolve("refiners", refiner, registry)
+    params = _params(strategy, params, f"refiner {strategy.name!r}")
+    label = f"refiner {strategy.name!r}"
+    results = []
+    for _ in range(2):
+        model, reference, data, new = _refine_stand_in(seed)
+        before = {"model": _weights(model), "reference": _weights(reference)}
+        context = RunContext(model=model, example_inputs=data[0], stats={},
+                             calibration=CalibrationData(data), reference=reference, costs={},
+                             statistics={}, resources={})
+        modules = {"2": new}
+        _number(strategy.objective(modules, context, params), label, "objective() before")
+        if strategy.enabled(params):
+            strategy.refine(modules, context, params)
+        _number(strategy.objective(modules, context, params), label, "objective() after")
+        assert model[2] is not new and isinstance(model[2], nn.Linear), (
+            f"{label}: refine() put the new module into the model (the engine swaps it)")
+        _unchanged(model, before["model"], label, "refine()")
+        _unchanged(reference, before["reference"], label, "refine()")
+        for where, module in (("model", model), ("reference", reference), ("new module", new)):
+            stray = [n for n, p in module.named_parameters() if p.grad is not None]
+            assert not stray, f"{label}: refine() left .grad on the {where}'s {stray}"
+        results.append(_weights(new))
+    for key, value in results[0].items():
+        assert torch.equal(value, results[1][key]), (
+            f"{label}: two runs from the same start differ in the new module's {key!r} "
+            "(seed what is random)")
